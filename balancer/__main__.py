@@ -1,0 +1,76 @@
+"""`python -m balancer`: run one balancer until SIGTERM/SIGINT; SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from .config import Config, ConfigError, from_args
+
+
+def _install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    uvloop.install()
+    return "uvloop"
+
+
+async def _serve(cfg: Config, argv: list[str]) -> int:
+    from .server import Balancer
+
+    balancer = Balancer(cfg)
+    try:
+        await balancer.start()
+    except OSError as exc:
+        print(f"balancer: cannot start: {exc}", file=sys.stderr)
+        await balancer.stop()
+        return 2
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            new = from_args(argv)
+        except ConfigError as exc:
+            logging.getLogger("balancer").error("reload refused, keeping the old config: %s", exc)
+            balancer.emit("reload-refused", "", str(exc))
+            return
+        balancer.apply(new)
+
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    balancer.reload_hook = reload  # type: ignore[attr-defined]
+    if balancer.listening:
+        host, port = balancer.address
+        scheme = "https" if balancer.tls_store is not None else "http"
+        print(f"balancer: listening on {scheme}://{host}:{port}", flush=True)
+    if balancer.admin is not None:
+        print(f"balancer: admin on {balancer.admin.url}", flush=True)
+    await done.wait()
+    await balancer.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = from_args(argv)
+    except ConfigError as exc:
+        print(f"balancer: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _install_uvloop()
+    return asyncio.run(_serve(cfg, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

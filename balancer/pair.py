@@ -1,0 +1,180 @@
+"""The balancer's side of the active/passive pair: the election decides, this acts.
+
+Local mode (no privileges): both balancers are configured with the same
+service address; only the active binds it, and a takeover binds it.
+Container mode (`--vip`): the active adds the virtual IP to its interface and
+announces it with gratuitous ARP; both keep listening on the wildcard address,
+so whoever holds the VIP gets the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from .election import ElectionConfig
+from .vrrp import ElectionDriver, validate_pair_config
+
+if TYPE_CHECKING:
+    from .server import Balancer
+
+log = logging.getLogger("balancer.pair")
+
+
+async def _run(*cmd: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(5):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 124, f"{cmd[0]} timed out"
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+class VirtualIP:
+    """Adds/removes ADDR/PREFIX on an interface with iproute2 and announces it."""
+
+    def __init__(self, cidr: str, interface: str) -> None:
+        self.iface = ipaddress.ip_interface(cidr)
+        self.cidr = cidr
+        self.interface = interface
+
+    async def add(self) -> None:
+        rc, out = await _run("ip", "addr", "replace", self.cidr, "dev", self.interface)
+        if rc != 0:
+            raise OSError(f"cannot add {self.cidr} to {self.interface}: {out}")
+        # neighbours would keep the old MAC until their ARP entry expires
+        if shutil.which("arping") and self.iface.version == 4:
+            await _run(
+                "arping", "-U", "-c", "2", "-w", "1", "-I", self.interface, str(self.iface.ip)
+            )
+
+    async def remove(self) -> None:
+        rc, out = await _run("ip", "addr", "del", self.cidr, "dev", self.interface)
+        if rc != 0 and "Cannot assign" not in out and "not found" not in out.lower():
+            log.warning("removing %s from %s: %s", self.cidr, self.interface, out)
+
+
+class PairRole:
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        pair = balancer.cfg.pair
+        assert pair.peer and pair.bind
+        checked = validate_pair_config(
+            priority=pair.priority,
+            advert_interval=pair.advert_interval,
+            secret_file=pair.secret_file,
+            bind=pair.bind,
+            peer=pair.peer,
+        )
+        self.vip = VirtualIP(pair.vip, pair.vip_interface or "") if pair.vip else None
+        node = f"{checked.bind[0]}:{checked.bind[1]}" if self.vip is None else checked.bind[0]
+        self.driver = ElectionDriver(
+            ElectionConfig(
+                node=node,
+                priority=pair.priority,
+                advert_interval=pair.advert_interval,
+                preempt=pair.preempt,
+            ),
+            bind=checked.bind,
+            peer=checked.peer,
+            secret=checked.secret,
+            on_role_change=self._on_role,
+        )
+        self.listen_error = ""
+        self.tracker: asyncio.Task[None] | None = None
+        self.transitions = 0
+
+    async def start(self) -> None:
+        b = self.balancer
+        b.role = "passive"
+        if self.vip is not None:
+            # a SIGKILLed predecessor leaves the VIP behind
+            await self.vip.remove()
+            await b.start_listening()
+        await self.driver.start()
+        self.tracker = asyncio.get_running_loop().create_task(self._track())
+        self._publish()
+
+    async def stop(self) -> None:
+        if self.tracker is not None:
+            self.tracker.cancel()
+        await self.driver.stop(resign=True)
+        if self.vip is not None:
+            await self.vip.remove()
+
+    async def _on_role(self, role: str, reason: str) -> None:
+        b = self.balancer
+        old = b.role
+        if role == "active":
+            try:
+                if self.vip is not None:
+                    await self.vip.add()
+                else:
+                    await self._bind_with_retry()
+                self.listen_error = ""
+            except OSError as exc:
+                self.listen_error = str(exc)
+                log.error("became active but cannot serve: %s", exc)
+        elif self.vip is not None:
+            await self.vip.remove()
+        else:
+            await b.stop_listening()
+        b.role = role if role in ("active", "passive") else "passive"
+        if b.role != old:
+            self.transitions += 1
+            b.emit("role", "", f"{old} -> {b.role}: {reason}")
+            log.info("role %s -> %s (%s)", old, b.role, reason)
+        self._publish()
+
+    async def _bind_with_retry(self) -> None:
+        """Local mode: the old active may still hold the port for a moment."""
+        b = self.balancer
+        last: OSError | None = None
+        for _ in range(40):
+            if self.driver.role != "active":
+                return
+            try:
+                await b.start_listening()
+                return
+            except OSError as exc:
+                last = exc
+                await asyncio.sleep(0.05)
+        if last is not None:
+            raise last
+
+    async def _track(self) -> None:
+        """Lower our priority when we cannot serve; the election hands over."""
+        b = self.balancer
+        interval = max(0.1, b.cfg.pair.advert_interval)
+        while True:
+            await asyncio.sleep(interval)
+            healthy = len(b.pool.eligible(b.clock())) if b.pool.mode == "normal" else 0
+            listener_ok = not self.listen_error and (b.role != "active" or b.listening)
+            if b.role == "active" and self.vip is None and not b.listening:
+                try:
+                    await self._bind_with_retry()
+                    self.listen_error = ""
+                except OSError as exc:
+                    self.listen_error = str(exc)
+            self.driver.set_tracking(listener_ok=listener_ok, healthy_backends=healthy)
+            self._publish()
+
+    def _publish(self) -> None:
+        status: dict[str, Any] = self.driver.status()
+        status["transitions"] = self.transitions
+        status["mode"] = "vip" if self.vip is not None else "local"
+        if self.vip is not None:
+            status["vip"] = self.vip.cidr
+        if self.listen_error:
+            status["listen_error"] = self.listen_error
+        status["updated"] = time.time()
+        self.balancer.role_detail = status
