@@ -1,0 +1,1 @@
+"""Local certificate authority for the testbed (trustme + cryptography); see ca/core.py."""
