@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: venv test lint typecheck unit local up down bench bench-failover drill soak base-image ca-cert clean
+.PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
+	base-image ca-cert clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +28,35 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1]
 local: $(STAMP)
-	$(BIN)/python -m loadtest.local
+	$(BIN)/python -m loadtest.local $(if $(ALGORITHM),--algorithm $(ALGORITHM)) \
+		$(if $(TLS),--tls) $(if $(PAIR),--pair)
 
+# Balancer vs HAProxy vs a naive aiohttp proxy, same backends, same run.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --duration 3 --warmup 1
+
+# Our election vs keepalived in network namespaces (root), same run.
+bench-failover: $(STAMP)
+	$(BIN)/python -m bench.failover
+
+# make drill SCENARIO=kill-backend [LOCAL=1]; writes out/drill-SCENARIO.{json,md,png}
+drill: $(STAMP)
+	mkdir -p out
+	$(BIN)/python -m loadtest.drill $(or $(SCENARIO),kill-backend) $(if $(LOCAL),--local) \
+		--json out/drill-$(or $(SCENARIO),kill-backend).json \
+		--md out/drill-$(or $(SCENARIO),kill-backend).md \
+		--plot out/drill-$(or $(SCENARIO),kill-backend).png
+
+# make soak [SOAK_MINUTES=10]
+soak: $(STAMP)
+	mkdir -p out
+	$(BIN)/python -m loadtest.soak --minutes $(or $(SOAK_MINUTES),10) --json out/soak.json \
+		--plot out/soak.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

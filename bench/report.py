@@ -1,0 +1,86 @@
+"""Result rows, the stdout table and the JSON document (pure: no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    proxy: str
+    mode: str
+    rps: float | None = None
+    cpu_us_per_req: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    requests: int | None = None
+    status: str = "ok"  # "ok" or "error"
+    reason: str | None = None
+
+    @classmethod
+    def failed(cls, proxy: str, mode: str, reason: str) -> Row:
+        return cls(proxy=proxy, mode=mode, status="error", reason=reason)
+
+
+def cpu_ratio(rows: Sequence[Row], numerator: str, denominator: str) -> dict[str, float | None]:
+    """Per mode, numerator's cpu_us_per_req divided by denominator's (None if either is missing)."""
+    by_key = {(r.proxy, r.mode): r for r in rows}
+    out: dict[str, float | None] = {}
+    for mode in dict.fromkeys(r.mode for r in rows):
+        num = by_key.get((numerator, mode))
+        den = by_key.get((denominator, mode))
+        if (
+            num is None
+            or den is None
+            or num.cpu_us_per_req is None
+            or not den.cpu_us_per_req  # None or 0.0
+        ):
+            out[mode] = None
+        else:
+            out[mode] = round(num.cpu_us_per_req / den.cpu_us_per_req, 3)
+    return out
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _short(reason: str | None, limit: int = 110) -> str:
+    lines = (reason or "").strip().splitlines()
+    first = lines[0] if lines else "unknown"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("proxy", "mode", "rps", "cpu_us/req", "p50_ms", "p99_ms", "errors", "note")
+    lines = [
+        (
+            r.proxy,
+            r.mode,
+            _fmt(r.rps, ".0f"),
+            _fmt(r.cpu_us_per_req, ".1f"),
+            _fmt(r.p50_ms, ".3f"),
+            _fmt(r.p99_ms, ".3f"),
+            _fmt(r.errors, "d"),
+            "" if r.status == "ok" else f"ERROR: {_short(r.reason)}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
+    out = []
+    for cells in [header, *lines]:
+        parts = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ]
+        out.append("  ".join([*parts, cells[-1]]).rstrip())
+    return "\n".join(out)
+
+
+def build_document(
+    rows: Sequence[Row], meta: Mapping[str, Any], ratios: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {"meta": dict(meta), "rows": [asdict(r) for r in rows], "ratios": dict(ratios)}

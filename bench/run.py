@@ -1,0 +1,478 @@
+"""Proxy benchmark: the balancer vs HAProxy vs a naive aiohttp proxy, same nginx backends.
+
+    python -m bench.run [--duration 10] [--connections 64]
+        [--modes http-keepalive,https-keepalive,https-handshakes]
+        [--proxies balancer,haproxy,naive-aiohttp] [--json bench/results/proxy.json]
+
+nginx and wrk are pinned to the first CPU, each proxy to the second, so proxy CPU time
+per request (from /proc/PID/stat) is comparable across proxies. Prints a table and
+writes a JSON document with the rows and run metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import configs, cpu, handshake_load, procs, report, wrk
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = REPO / "bench" / "results" / "proxy.json"
+EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+APT_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "haproxy": "haproxy", "taskset": "util-linux"}
+START_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    tls: bool
+    close: bool  # one request per connection
+    loadgen: str = "wrk"  # or "handshake": bench.handshake_load, never resumes TLS sessions
+
+
+MODES = {
+    m.name: m
+    for m in (
+        Mode("http-keepalive", tls=False, close=False),
+        Mode("https-keepalive", tls=True, close=False),
+        Mode("https-handshakes", tls=True, close=True, loadgen="handshake"),
+        # wrk resumes TLS sessions on reconnect, so this is the abbreviated handshake.
+        Mode("https-resumptions", tls=True, close=True),
+    )
+}
+DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes"]
+PROXIES = ("balancer", "haproxy", "naive-aiohttp")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path  # leaf + chain
+    key: Path
+    combined: Path  # key + chain, the form HAProxy wants
+    ca_file: Path
+    ca_pem: str
+
+
+@dataclass(frozen=True)
+class Pins:
+    load: str | None  # wrk + nginx
+    proxy: str | None
+
+
+class BenchError(Exception):
+    """A setup problem that stops the whole run (one line for stderr)."""
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _csv(allowed: Sequence[str], what: str) -> Any:
+    def parse(value: str) -> list[str]:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(bad) or '(none)'}; choose from {','.join(allowed)}"
+            )
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=_positive, default=10, help="measured seconds per row")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each row")
+    p.add_argument("--connections", type=_positive, default=64)
+    p.add_argument("--modes", type=_csv(list(MODES), "mode"), default=DEFAULT_MODES)
+    p.add_argument("--proxies", type=_csv(PROXIES, "proxy"), default=list(PROXIES))
+    p.add_argument("--backends", type=int, choices=(2, 3), default=2)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH")
+    args = p.parse_args(argv)
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _which(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *EXTRA_PATH])
+    return shutil.which(name, path=path)
+
+
+def ensure_tools(proxies: Sequence[str]) -> dict[str, str]:
+    """Resolve tool paths, apt-installing missing ones when root."""
+    needed = ["nginx", "wrk", "taskset", *(["haproxy"] if "haproxy" in proxies else [])]
+    missing = [t for t in needed if _which(t) is None]
+    if missing:
+        pkgs = sorted({APT_PACKAGES[t] for t in missing})
+        if os.geteuid() != 0:
+            raise BenchError(
+                f"missing {', '.join(missing)}; run as root or: apt-get install -y {' '.join(pkgs)}"
+            )
+        print(f"installing {' '.join(pkgs)} with apt-get ...", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *pkgs]):
+            if subprocess.run(cmd, env=env, timeout=900, check=False).returncode != 0:
+                raise BenchError(f"'{' '.join(cmd)}' failed")
+        still = [t for t in needed if _which(t) is None]
+        if still:
+            raise BenchError(f"still missing after apt-get: {', '.join(still)}")
+    return {t: str(_which(t)) for t in needed}
+
+
+def choose_pins() -> Pins:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return Pins(load=None, proxy=None)  # nothing to separate on one CPU
+    return Pins(load=str(allowed[0]), proxy=str(allowed[1]))
+
+
+def _first_line(cmd: Sequence[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def metadata(args: argparse.Namespace, tools: dict[str, str], pins: Pins) -> dict[str, Any]:
+    import aiohttp
+
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "wrk_threads": 1,
+        "backends": args.backends,
+        "modes": args.modes,
+        "proxies": args.proxies,
+        "load_generators": {
+            m: (
+                "bench.handshake_load (full handshakes, no session resumption)"
+                if MODES[m].loadgen == "handshake"
+                else f"wrk -t1{' -H Connection: close' if MODES[m].close else ''}"
+            )
+            for m in args.modes
+        },
+        "pinning": {"load_and_backends_cpu": pins.load, "proxy_cpu": pins.proxy},
+        "clk_tck": cpu.CLK_TCK,
+        "versions": {
+            "python": platform.python_version(),
+            "aiohttp": aiohttp.__version__,
+            "haproxy": _first_line([tools["haproxy"], "-v"]) if "haproxy" in tools else None,
+            "nginx": _first_line([tools["nginx"], "-v"]),
+            "wrk": _first_line([tools["wrk"], "-v"]),
+            "openssl": _first_line(["openssl", "version"]),
+            "git_commit": _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        },
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "kernel": platform.release(),
+    }
+
+
+def make_tls(workdir: Path) -> TlsFiles:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(
+        cert=workdir / "server.crt",
+        key=workdir / "server.key",
+        combined=workdir / "server-combined.pem",
+        ca_file=workdir / "ca.pem",
+        ca_pem=ca.cert_pem.bytes().decode(),
+    )
+    files.ca_file.write_text(files.ca_pem)
+    files.cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(files.key))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(files.combined))
+    return files
+
+
+# ---------------------------------------------------------------- one row
+
+
+def validate(url: str, ca_pem: str | None, attempts: int = 4) -> str | None:
+    """None if url answers 200 'ok' `attempts` times (covers the rotation), else why not."""
+    # Verification stays on: the bench CA signed the proxies' certificate.
+    ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else None
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+                status, body = resp.status, resp.read(100)
+        except urllib.error.HTTPError as exc:
+            return f"validation request got HTTP {exc.code}"
+        except (OSError, ssl.SSLError) as exc:
+            return f"validation request failed: {exc}"
+        if status != 200 or body != b"ok\n":
+            return f"validation got {status} {body[:40]!r}, expected 200 b'ok\\n'"
+    return None
+
+
+def proxy_argv(
+    proxy: str, port: int, backends: Sequence[int], tls: TlsFiles | None, workdir: Path
+) -> list[str]:
+    listen = f"127.0.0.1:{port}"
+    backend_flags = [x for b in backends for x in ("--backend", f"127.0.0.1:{b}")]
+    tls_flags = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)] if tls else []
+    if proxy == "balancer":
+        return [
+            sys.executable,
+            "-m",
+            "balancer",
+            "--listen",
+            listen,
+            *backend_flags,
+            "--algorithm",
+            "round-robin",
+            *tls_flags,
+        ]
+    if proxy == "naive-aiohttp":
+        return [
+            sys.executable,
+            "-m",
+            "bench.naive_proxy",
+            "--listen",
+            listen,
+            *backend_flags,
+            *tls_flags,
+        ]
+    if proxy == "haproxy":
+        cfg = workdir / f"haproxy-{port}.cfg"
+        cfg.write_text(configs.haproxy_config(port, backends, tls.combined if tls else None))
+        return [_which("haproxy") or "haproxy", "-db", "-f", str(cfg)]
+    raise ValueError(f"unknown proxy {proxy}")
+
+
+def run_load(
+    url: str,
+    duration: int,
+    args: argparse.Namespace,
+    mode: Mode,
+    pins: Pins,
+    tls: TlsFiles | None,
+) -> wrk.WrkResult:
+    """Run the mode's load generator on the load CPU and parse its summary."""
+    if mode.loadgen == "handshake":
+        if tls is None:
+            raise BenchError(f"mode {mode.name} needs TLS files")
+        name = "handshake_load"
+        cmd = procs.pinned(
+            pins.load,
+            [sys.executable, "-m", "bench.handshake_load", "--url", url,
+             "--cafile", str(tls.ca_file), "--connections", str(args.connections),
+             "--duration", str(duration)],
+        )  # fmt: skip
+    else:
+        name = "wrk"
+        cmd = wrk.wrk_command(
+            url,
+            duration_s=duration,
+            connections=args.connections,
+            close_connections=mode.close,
+            cpu=pins.load,
+        )
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=duration + 30, cwd=REPO, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{name} did not finish within {duration + 30}s") from None
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        raise BenchError(f"{name} exited {out.returncode}: {msg[-1] if msg else ''}")
+    if mode.loadgen == "handshake":
+        return handshake_load.parse_summary(out.stdout)
+    return wrk.parse_wrk(out.stdout)
+
+
+def bench_one(
+    proxy: str,
+    mode: Mode,
+    args: argparse.Namespace,
+    backends: Sequence[int],
+    tls: TlsFiles | None,
+    workdir: Path,
+    pins: Pins,
+) -> report.Row:
+    port = procs.free_ports(1)[0]
+    scheme = "https" if mode.tls else "http"
+    url = f"{scheme}://127.0.0.1:{port}/"
+    argv = procs.pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, workdir))
+    child = procs.Child(f"{proxy}", argv, workdir / f"{proxy}-{mode.name}.log", cwd=REPO)
+    try:
+        if not child.wait_port(port, START_TIMEOUT_S):
+            reason = child.failure()
+            if child.exited() is None:
+                reason = f"{proxy} did not accept connections within {START_TIMEOUT_S:.0f}s"
+            return report.Row.failed(proxy, mode.name, reason)
+        problem = validate(url, tls.ca_pem if tls else None)
+        if problem:
+            return report.Row.failed(proxy, mode.name, problem)
+        if args.warmup:
+            run_load(url, args.warmup, args, mode, pins, tls)
+        before = cpu.read_tree_ticks(child.pid)
+        result = run_load(url, args.duration, args, mode, pins, tls)
+        after = cpu.read_tree_ticks(child.pid)
+        if child.exited() is not None:
+            return report.Row.failed(proxy, mode.name, child.failure())
+        per_req = (
+            cpu.cpu_us_per_req(before, after, result.requests, cpu.CLK_TCK)
+            if result.requests
+            else None
+        )
+        return report.Row(
+            proxy=proxy,
+            mode=mode.name,
+            rps=round(result.rps, 1),
+            cpu_us_per_req=None if per_req is None else round(per_req, 2),
+            p50_ms=round(result.p50_ms, 3),
+            p99_ms=round(result.p99_ms, 3),
+            errors=result.errors,
+            requests=result.requests,
+        )
+    except (BenchError, wrk.WrkParseError, ProcessLookupError, ValueError, OSError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, ProcessLookupError):
+            reason = child.failure()
+        return report.Row.failed(proxy, mode.name, reason)
+    finally:
+        child.stop()
+
+
+# ---------------------------------------------------------------- whole run
+
+
+def start_backends(
+    tools: dict[str, str], workdir: Path, count: int, pins: Pins
+) -> tuple[procs.Child, list[int]]:
+    ports = procs.free_ports(count)
+    conf = workdir / "nginx.conf"
+    conf.write_text(configs.nginx_config(workdir, ports))
+    argv = [tools["nginx"], "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx.err")]
+    nginx = procs.Child("nginx", procs.pinned(pins.load, argv), workdir / "nginx.log")
+    for port in ports:
+        if not nginx.wait_port(port, START_TIMEOUT_S):
+            reason = nginx.failure() + " " + procs.tail(workdir / "nginx.err")
+            nginx.stop()
+            raise BenchError(f"backend did not start: {reason.strip()}")
+        problem = validate(f"http://127.0.0.1:{port}/", None, attempts=1)
+        if problem:
+            nginx.stop()
+            raise BenchError(f"backend on port {port}: {problem}")
+    return nginx, ports
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    tools = ensure_tools(args.proxies)
+    pins = choose_pins()
+    meta = metadata(args, tools, pins)
+    rows: list[report.Row] = []
+    with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
+        workdir = Path(tmp)
+        tls = make_tls(workdir) if any(MODES[m].tls for m in args.modes) else None
+        nginx, backends = start_backends(tools, workdir, args.backends, pins)
+        try:
+            for mode_name in args.modes:
+                mode = MODES[mode_name]
+                for proxy in args.proxies:
+                    print(f"-- {proxy} / {mode.name} ...", file=sys.stderr, flush=True)
+                    started = time.monotonic()
+                    rows.append(
+                        bench_one(
+                            proxy, mode, args, backends, tls if mode.tls else None, workdir, pins
+                        )
+                    )
+                    print(f"   done in {time.monotonic() - started:.1f}s", file=sys.stderr)
+                    if nginx.exited() is not None:
+                        raise BenchError(f"backend died: {nginx.failure()}")
+        finally:
+            nginx.stop()
+
+    ratios = {
+        "balancer/haproxy cpu_us_per_req": report.cpu_ratio(rows, "balancer", "haproxy"),
+        "naive-aiohttp/haproxy cpu_us_per_req": report.cpu_ratio(rows, "naive-aiohttp", "haproxy"),
+    }
+    print(report.format_table(rows))
+    for name, per_mode in ratios.items():
+        shown = ", ".join(f"{m}={'-' if v is None else v}" for m, v in per_mode.items())
+        print(f"{name}: {shown}")
+    try:
+        write_json(args.json, report.build_document(rows, meta, ratios))
+    except OSError as exc:
+        raise BenchError(f"cannot write {args.json}: {exc.strerror or exc}") from None
+    print(f"wrote {args.json}")
+    return 1 if rows and all(r.status == "error" for r in rows) else 0
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so the finally blocks stop every child.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Locust traffic for lb-testbed, TLS verified against our CA.
+
+    LB_CA_CERT=pki/ca.crt locust -f loadtest/locustfile.py --host https://127.0.0.1:8080
+
+Scenarios (`--scenario`, also selectable in the web UI):
+  steady     GET / and /echo
+  slow       GET /delay?ms=50..500 (exercises least-connections)
+  sticky     X-User header + cookie per user; counts users whose X-Backend changed
+             (run the balancer with --algorithm source-hash --hash-key header:X-User)
+  bulk       GET /bytes?n=N and POST /upload of N/4 bytes (--bulk-bytes)
+  handshake  `Connection: close` on every request: a new TCP+TLS handshake each time
+
+Load profiles: LB_SHAPE=step (LB_STEP_USERS users more every LB_STEP_SECONDS, LB_STEPS
+times) or LB_SHAPE=spike (LB_BASE_USERS, LB_SPIKE_USERS for LB_SPIKE_SECONDS after
+LB_SPIKE_AT, LB_SHAPE_SECONDS in all). Unset: the usual -u/-r/-t.
+
+Per-backend counts (from X-Backend): the "Backends" tab and GET /backends in the web UI,
+and `--backends-out FILE.json|FILE.csv` written when the test stops.
+
+Headless thresholds: locust exits 1 when any request failed (`--exit-code-on-error N`
+changes that code); on top of it `--max-error-rate R` (default 0.01) sets exit code 1 when
+the failure ratio is above R, so CI can accept a few failures during a drill
+(`--exit-code-on-error 0 --max-error-rate 0.05`).
+"""
+
+# mypy: disable-error-code="untyped-decorator,no-untyped-call"
+# (locust's event hooks and shape API are untyped)
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import uuid
+from collections import Counter
+from typing import Any
+
+import gevent.ssl  # type: ignore[import-untyped]
+from locust import FastHttpUser, LoadTestShape, between, events, task
+from locust.runners import WorkerRunner
+
+BACKEND_HEADER = "X-Backend"
+SCENARIOS = ("steady", "slow", "sticky", "bulk", "handshake")
+log = logging.getLogger("lb-testbed")
+
+# Per process; workers send deltas to the master (see report_to_master below).
+backend_counts: Counter[str] = Counter()
+sticky = {"violations": 0, "users": 0}
+_upload_cache: dict[int, bytes] = {}
+
+
+def verified_ssl_context(*_args: Any, **_kwargs: Any) -> gevent.ssl.SSLContext:
+    """Trust exactly our CA (LB_CA_CERT), hostname checked; ignores the bundle
+    geventhttpclient offers as `cafile`. Without LB_CA_CERT: the system store, still verified."""
+    return gevent.ssl.create_default_context(cafile=os.environ.get("LB_CA_CERT") or None)
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser: Any) -> None:
+    parser.add_argument("--scenario", choices=SCENARIOS, default="steady", help="traffic mix")
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="exit code 1 when the failure ratio is above this (0..1)",
+    )
+    parser.add_argument("--bulk-bytes", type=int, default=1 << 20, help="bulk scenario size")
+    parser.add_argument(
+        "--backends-out", default="", help="write per-backend counts here (.json or .csv)"
+    )
+
+
+def _options(environment: Any) -> Any:
+    return environment.parsed_options
+
+
+class TestbedUser(FastHttpUser):
+    insecure = False  # verify certificates (locust's default is not to)
+    ssl_context_factory = staticmethod(verified_ssl_context)
+    wait_time = between(0.05, 0.3)
+    connection_timeout = 5.0
+    network_timeout = 15.0
+
+    def on_start(self) -> None:
+        self.user_key = uuid.uuid4().hex[:12]
+        self.backend: str | None = None
+        self.violated = False
+
+    @task
+    def pick_scenario(self) -> None:
+        opts = _options(self.environment)
+        scenario = getattr(opts, "scenario", "steady") if opts is not None else "steady"
+        getattr(self, f"_{scenario}")()
+
+    def _steady(self) -> None:
+        if random.random() < 0.75:
+            self.client.get("/", name="/")
+        else:
+            self.client.get("/echo?from=locust", name="/echo")
+
+    def _slow(self) -> None:
+        ms = random.choice((50, 100, 200, 500))
+        self.client.get(f"/delay?ms={ms}", name="/delay")
+
+    def _sticky(self) -> None:
+        headers = {"X-User": self.user_key, "Cookie": f"lb_user={self.user_key}"}
+        with self.client.get("/", headers=headers, name="/ (sticky)", catch_response=True) as r:
+            got = r.headers.get(BACKEND_HEADER) if r.status_code == 200 else None
+            if got is None:
+                return
+            if self.backend is None:
+                self.backend = got
+                sticky["users"] += 1
+            elif got != self.backend:
+                sticky["violations"] += 1
+                r.failure(f"sticky violation: {self.backend} -> {got}")
+                self.backend = got
+
+    def _bulk(self) -> None:
+        n = max(1, _options(self.environment).bulk_bytes)
+        if random.random() < 0.5:
+            self.client.get(f"/bytes?n={n}", name="/bytes")
+        else:
+            body = _upload_cache.setdefault(n // 4, os.urandom(max(1, n // 4)))
+            self.client.post("/upload", data=body, name="/upload")  # type: ignore[arg-type]
+
+    def _handshake(self) -> None:
+        self.client.get("/", headers={"Connection": "close"}, name="/ (new connection)")
+
+
+# ---- per-backend distribution ----------------------------------------------------------
+
+
+@events.request.add_listener
+def _count_backend(response: Any = None, exception: Any = None, **_kw: Any) -> None:
+    # responses marked failed by a check (e.g. a sticky violation) still came from a backend
+    name = (
+        response.headers.get(BACKEND_HEADER) if response is not None and response.headers else None
+    )
+    if name or (exception is None and response is not None):
+        backend_counts[name or "-"] += 1
+
+
+@events.report_to_master.add_listener
+def _send_counts(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
+    data["lb_backends"] = dict(backend_counts)
+    data["lb_sticky"] = dict(sticky)
+    backend_counts.clear()
+    sticky.update(violations=0, users=0)
+
+
+@events.worker_report.add_listener
+def _merge_counts(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
+    backend_counts.update(data.get("lb_backends", {}))
+    for key, n in data.get("lb_sticky", {}).items():
+        sticky[key] = sticky.get(key, 0) + n
+
+
+def backend_rows() -> list[dict[str, Any]]:
+    total = sum(backend_counts.values()) or 1
+    return [
+        {"name": name, "requests": n, "share": round(100 * n / total, 1)}
+        for name, n in sorted(backend_counts.items())
+    ]
+
+
+def snapshot() -> dict[str, Any]:
+    return {"backends": dict(sorted(backend_counts.items())), "sticky": dict(sticky)}
+
+
+@events.init.add_listener
+def _web_ui(environment: Any, **_kw: Any) -> None:
+    web_ui = environment.web_ui
+    if web_ui is None:
+        return
+    from flask import jsonify, request
+
+    @web_ui.app.route("/backends")
+    def backends_json() -> Any:
+        return jsonify(snapshot())
+
+    # an extra tab in the stock UI: declared here, rows ride on /stats/requests
+    web_ui.template_args["extended_tabs"] = [{"title": "Backends", "key": "backends"}]
+    web_ui.template_args["extended_tables"] = [
+        {
+            "key": "backends",
+            "structure": [
+                {"key": "name", "title": "Backend (X-Backend)"},
+                {"key": "requests", "title": "Responses"},
+                {"key": "share", "title": "Share %"},
+            ],
+        }
+    ]
+
+    @web_ui.app.after_request
+    def _extend_stats(response: Any) -> Any:
+        if request.path == "/stats/requests" and response.is_json:
+            data = response.get_json()
+            data["extended_stats"] = [{"key": "backends", "data": backend_rows()}]
+            response.set_data(json.dumps(data))
+        return response
+
+
+@events.test_stop.add_listener
+def _write_counts(environment: Any, **_kw: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    log.info("per-backend responses: %s; sticky: %s", dict(backend_counts), sticky)
+    out = getattr(_options(environment), "backends_out", "") if environment.parsed_options else ""
+    if not out:
+        return
+    try:
+        with open(out, "w", newline="") as f:
+            if out.endswith(".csv"):
+                w = csv.writer(f)
+                w.writerow(["backend", "responses", "share_percent"])
+                w.writerows([r["name"], r["requests"], r["share"]] for r in backend_rows())
+            else:
+                json.dump(snapshot(), f, indent=2)
+    except OSError as exc:
+        log.error("cannot write %s: %s", out, exc.strerror)
+
+
+@events.quitting.add_listener
+def _error_rate_gate(environment: Any, **_kw: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+        return
+    limit = environment.parsed_options.max_error_rate
+    total = environment.stats.total
+    if total.num_requests and total.fail_ratio > limit:
+        log.error("failure ratio %.3f above --max-error-rate %.3f", total.fail_ratio, limit)
+        environment.process_exit_code = 1
+
+
+# ---- load shapes (LB_SHAPE=step|spike) ---------------------------------------------------
+
+
+def _env_num(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+class StepShape(LoadTestShape):
+    """+LB_STEP_USERS users every LB_STEP_SECONDS, LB_STEPS times, then stop."""
+
+    abstract = True
+
+    def tick(self) -> tuple[int, float] | None:
+        users = int(_env_num("LB_STEP_USERS", 10))
+        seconds = _env_num("LB_STEP_SECONDS", 30)
+        step = int(self.get_run_time() // seconds)
+        if step >= int(_env_num("LB_STEPS", 5)):
+            return None
+        return (step + 1) * users, max(1, users)
+
+
+class SpikeShape(LoadTestShape):
+    """LB_BASE_USERS, jumping to LB_SPIKE_USERS for LB_SPIKE_SECONDS at LB_SPIKE_AT."""
+
+    abstract = True
+
+    def tick(self) -> tuple[int, float] | None:
+        t = self.get_run_time()
+        if t >= _env_num("LB_SHAPE_SECONDS", 90):
+            return None
+        at, length = _env_num("LB_SPIKE_AT", 30), _env_num("LB_SPIKE_SECONDS", 20)
+        if at <= t < at + length:
+            return int(_env_num("LB_SPIKE_USERS", 100)), 100
+        return int(_env_num("LB_BASE_USERS", 10)), 100
+
+
+_SHAPES: dict[str, type[LoadTestShape]] = {"step": StepShape, "spike": SpikeShape}
+_shape = os.environ.get("LB_SHAPE", "")
+if _shape:
+    if _shape not in _SHAPES:
+        raise SystemExit(f"LB_SHAPE must be one of {', '.join(_SHAPES)}, got {_shape!r}")
+    _SHAPES[_shape].abstract = False  # locust uses the one non-abstract shape class

@@ -1,0 +1,130 @@
+"""Open-loop, fixed-rate HTTP load: GET a URL R times per second for D seconds.
+
+Request i is *scheduled* at start + i/R whatever happened to earlier ones (open loop), so
+a stalled balancer shows up as latency and errors instead of silently lowering the rate.
+Every request's outcome is recorded; the run is bounded in count (R*D) and in time
+(D + per-request timeout + a small grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+
+BACKEND_HEADER = "X-Backend"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    t_send: float  # clock() when the request was started
+    latency: float | None  # seconds until the body was read; None when it never completed
+    status: int | None
+    error: str | None  # short error class/message when there is no status
+    backend: str | None  # X-Backend of the response
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """A verifying client context: trusts our CA (or the system store when None)."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:160] if text else type(exc).__name__
+
+
+async def _one(
+    session: aiohttp.ClientSession,
+    url: str,
+    clock: Callable[[], float],
+    headers: dict[str, str],
+) -> Outcome:
+    t0 = clock()
+    try:
+        async with session.get(url, headers=headers) as resp:
+            await resp.read()
+            return Outcome(t0, clock() - t0, resp.status, None, resp.headers.get(BACKEND_HEADER))
+    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        return Outcome(t0, None, None, _error_text(exc), None)
+
+
+async def run_traffic(
+    url: str,
+    rate: float,
+    duration: float,
+    *,
+    ca_file: str | None = None,
+    keepalive: bool = True,
+    timeout: float = 2.0,
+    connections: int = 256,
+    clock: Callable[[], float] = time.monotonic,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    headers: dict[str, str] | None = None,
+) -> list[Outcome]:
+    """Send int(rate*duration) GETs to `url`, evenly spaced; return outcomes by send time."""
+    if rate <= 0 or duration <= 0:
+        raise ValueError("rate and duration must be > 0")
+    if timeout <= 0 or connections < 1:
+        raise ValueError("timeout must be > 0 and connections >= 1")
+    total = int(rate * duration)
+    ssl_ctx = client_ssl_context(ca_file) if url.startswith("https://") else None
+    connector = aiohttp.TCPConnector(
+        limit=connections,
+        limit_per_host=connections,
+        force_close=not keepalive,  # new TCP (and TLS) connection per request
+        ssl=ssl_ctx if ssl_ctx is not None else True,
+    )
+    outcomes: list[Outcome] = []
+    pending: set[asyncio.Task[Outcome]] = set()
+
+    def done(task: asyncio.Task[Outcome]) -> None:
+        pending.discard(task)
+        if task.cancelled():
+            return
+        outcome = task.result()
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    # total= covers waiting for a pooled connection slot too: an overloaded target
+    # therefore shows up as timeouts, never as an unbounded queue here
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+        start = clock()
+        sent_at: dict[asyncio.Task[Outcome], float] = {}
+        for i in range(total):
+            delay = start + i / rate - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(
+                _one(session, url, clock, dict(headers or {}))
+            )
+            sent_at[task] = clock()
+            pending.add(task)
+            task.add_done_callback(done)
+        if pending:
+            # each request is bounded by `timeout`; the grace only covers scheduling slack
+            await asyncio.wait(set(pending), timeout=timeout + 1.0)
+        for task in list(pending):
+            if task.done():  # finished; its callback has not run yet
+                continue
+            task.cancel()
+            outcomes.append(Outcome(sent_at[task], None, None, "cancelled", None))
+        await asyncio.gather(*sent_at, return_exceptions=True)
+    outcomes.sort(key=lambda o: o.t_send)
+    return outcomes

@@ -1,0 +1,129 @@
+"""LocalStack and a short local drill: real balancer and backend processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from loadtest import drill
+from loadtest.local import LocalStack, free_port
+
+pytest.importorskip("balancer.admin", reason="the balancer admin API is not there yet")
+
+
+def _gone(pid: int) -> bool:
+    """Exited (zombies count: a container's PID 1 may never reap them)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
+    for _ in range(int(seconds / 0.1)):
+        alive = [p for p in pids if not _gone(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return alive
+
+
+def _stack(tmp_path: Path, **kw: object) -> LocalStack:
+    return LocalStack(
+        backend_ports=tuple(free_port() for _ in range(3)),
+        listen_port=free_port(),
+        admin_ports=(free_port(), free_port()),
+        workdir=tmp_path / "run",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_stack_serves_reports_state_and_stops_clean(tmp_path: Path) -> None:
+    stack = _stack(tmp_path)
+    with stack:
+        names = set()
+        for _ in range(6):
+            with urllib.request.urlopen(stack.service_url + "/", timeout=5) as resp:
+                assert resp.status == 200
+                names.add(resp.headers["X-Backend"])
+        assert names == {"b1", "b2", "b3"}  # round-robin reaches every backend
+        with urllib.request.urlopen(stack.admin_urls["a"] + "/api/state", timeout=5) as resp:
+            state = json.load(resp)
+        assert sorted(b["id"] for b in state["backends"]) == sorted(
+            stack.backend_id(i) for i in range(3)
+        )
+        stack.kill_backend(1, signal.SIGKILL)
+        assert _wait_gone([stack.backends[1].pid or 0]) == []
+        stack.restart_backend(1)
+        assert stack.backends[1].alive
+        pids = [p.pid for p in stack.procs if p.pid]
+    assert len(pids) == 4
+    assert all(p.popen is not None and p.popen.returncode is not None for p in stack.procs)
+    assert _wait_gone(pids) == []
+
+
+def test_tls_stack_is_verified_against_its_ca(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, tls=True, pki_dir=tmp_path / "pki", admin=False)
+    with stack:
+        assert stack.service_url.startswith("https://") and stack.ca_file
+        ctx = ssl.create_default_context(cafile=stack.ca_file)
+        with urllib.request.urlopen(stack.service_url + "/", timeout=5, context=ctx) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(stack.service_url + "/", timeout=5)
+
+
+def test_children_die_with_a_killed_runner(tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from loadtest.local import LocalStack, free_port\n"
+        "s = LocalStack(admin=False, backend_ports=(free_port(), free_port(), free_port()),\n"
+        f"    listen_port=free_port(), workdir=__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "s.start()\n"
+        "print(' '.join(str(p.pid) for p in s.procs), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout is not None
+        line = runner.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 4, line
+    finally:
+        runner.kill()  # no cleanup code runs: PR_SET_PDEATHSIG has to do it
+        runner.wait(10)
+    assert _wait_gone(pids) == []
+
+
+def test_bad_drill_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        drill.main(["no-such-scenario", "--json", "/tmp/x.json"])
+    assert exc.value.code == 2
+    assert drill.main(["kill-backend", "--local", "--json", "x.json", "--rate", "0"]) == 2
+    assert drill.main(["disconnect-backend", "--local", "--json", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "--rate must be" in err and "docker target" in err
+    assert "Traceback" not in err
+
+
+def test_kill_backend_drill_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "kb.json"
+    argv = ["kill-backend", "--local", "--json", str(out), "--md", str(tmp_path / "kb.md")]
+    argv += ["--rate", "50", "--duration", "6", "--fault-at", "1.5", "--restore-at", "3"]
+    assert drill.main([*argv, "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert r["scenario"] == "kill-backend" and r["faulted"] == "b2"
+    assert r["counts"]["sent"] == 300
+    assert r["detect_s"] is not None and r["detect_s"] >= 0
+    assert r["per_backend_by_phase"]["before"].keys() == {"b1", "b2", "b3"}
+    assert [e["kind"] for e in r["events"]] == ["kill", "restart"]
+    assert (tmp_path / "kb.md").read_text().startswith("# Drill `kill-backend`")

@@ -1,0 +1,65 @@
+"""Headless Locust against an in-process HTTPS server: verification must be on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
+
+
+def _https_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+async def _locust(url: str, ca_file: Path, out: Path, cwd: Path) -> tuple[int, str]:
+    argv = [sys.executable, "-m", "locust", "--headless", "-f", str(LOCUSTFILE)]
+    argv += ["-u", "2", "-r", "2", "-t", "5s", "--host", url, "--only-summary"]
+    argv += ["--backends-out", str(out)]
+    env = dict(os.environ, LB_CA_CERT=str(ca_file))
+    env.pop("LB_SHAPE", None)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(errors="replace")
+
+
+async def test_locust_succeeds_with_our_ca(serve: Any, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    served = await serve(_https_ctx(ca))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    code, output = await _locust(served.url, tmp_path / "ca.pem", tmp_path / "b.json", tmp_path)
+    assert code == 0, output[-2000:]
+    assert served.requests > 0
+    counts = json.loads((tmp_path / "b.json").read_text())
+    assert counts["backends"] == {"t1": served.requests}
+
+
+async def test_locust_fails_against_another_ca(serve: Any, tmp_path: Path) -> None:
+    served = await serve(_https_ctx(trustme.CA()))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    code, output = await _locust(served.url, tmp_path / "other.pem", tmp_path / "b.json", tmp_path)
+    assert code == 1, output[-2000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in output
+    assert served.requests == 0  # no request got past the handshake
+    assert json.loads((tmp_path / "b.json").read_text())["backends"] == {}
