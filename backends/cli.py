@@ -1,0 +1,204 @@
+"""Command line for ``python -m backends``: parse arguments, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from backends.app import MAX_DELAY_MS, make_app, validate_name
+
+DEFAULT_KEEPALIVE_S = 75.0
+DEFAULT_SHUTDOWN_S = 8.0  # below docker stop's 10 s grace, so we exit before SIGKILL
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+
+
+def _port(raw: str) -> int:
+    if not (raw.isascii() and raw.isdecimal()) or not 0 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {raw!r} (want 0-65535)")
+    return int(raw)
+
+
+def _delay(raw: str) -> int:
+    if not (raw.isascii() and raw.isdecimal()) or not 0 <= int(raw) <= MAX_DELAY_MS:
+        raise argparse.ArgumentTypeError(f"invalid delay {raw!r} (want 0-{MAX_DELAY_MS})")
+    return int(raw)
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"invalid duration {raw!r} (want seconds, 0 < s <= 86400)")
+    return value
+
+
+def _name(raw: str) -> str:
+    try:
+        return validate_name(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid name {raw!r}: {exc}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad input gives one line on stderr (not the usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m backends",
+        description="Demo HTTP backend for the lb-testbed balancer. Every response carries "
+        "'X-Backend: NAME'. Endpoints: / /echo /delay?ms=N /bytes?n=N[&chunked=1] "
+        "/status/CODE /healthz /admin/health /upload /ws.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=_port, required=True, help="port to bind (0 = any free)")
+    parser.add_argument("--name", type=_name, required=True, help="value of the X-Backend header")
+    parser.add_argument(
+        "--delay-ms",
+        type=_delay,
+        default=0,
+        metavar="MS",
+        help="delay added to every response (slow backend)",
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=DEFAULT_KEEPALIVE_S,
+        metavar="S",
+        help="idle keep-alive timeout in seconds (default %(default)s); keep it longer than "
+        "the balancer's upstream idle timeout so the backend never closes a connection the "
+        "balancer is about to reuse",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=DEFAULT_SHUTDOWN_S,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default %(default)s)",
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", help="log one line per request to stderr"
+    )
+    return parser
+
+
+def make_server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as single lines: a malformed request must not print a traceback."""
+
+    def formatException(self, ei: Any) -> str:
+        exc = ei[1]
+        text = " ".join(str(exc).split())[:300]
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " | ")
+
+
+def configure_logging(name: str, access_log: bool) -> logging.Logger | None:
+    """Warnings and errors (aiohttp's included) go to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(f"{name} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    if not access_log:
+        return None
+    log = logging.getLogger("backends.access")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    access = logging.StreamHandler(sys.stderr)
+    access.setFormatter(logging.Formatter(f"{name} %(message)s"))
+    log.addHandler(access)
+    return log
+
+
+async def serve(
+    args: argparse.Namespace,
+    ssl_context: ssl.SSLContext | None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    access_log = configure_logging(args.name, args.access_log)
+    runner = web.AppRunner(
+        make_app(args.name, args.delay_ms),
+        handle_signals=False,
+        keepalive_timeout=args.keepalive_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=access_log,
+        access_log_format=ACCESS_LOG_FORMAT,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_context)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        scheme = "https" if ssl_context else "http"
+        shown = f"[{host}]" if ":" in host else host
+        if on_ready is not None:
+            on_ready(f"{scheme}://{shown}:{port}")
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _announce(url: str, name: str) -> None:
+    # One stdout line; spawn_backend_process reads it to learn the port when --port 0.
+    print(f"backend {name} listening on {url}", flush=True)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep it optional
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key must be given together")
+    ssl_context = None
+    if args.tls_cert is not None:
+        try:
+            ssl_context = make_server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"backends: error: cannot load TLS certificate/key: {exc}", file=sys.stderr)
+            return 2
+    try:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            runner.run(serve(args, ssl_context, lambda url: _announce(url, args.name)))
+    except OSError as exc:
+        print(f"backends: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handler was installed
+        pass
+    return 0
