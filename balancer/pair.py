@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import shutil
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,14 @@ async def _run(*cmd: str) -> tuple[int, str]:
         await proc.wait()
         return 124, f"{cmd[0]} timed out"
     return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def local_address_towards(peer: tuple[str, int]) -> str:
+    """The source address the kernel would use to reach the peer (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(peer)
+        return str(sock.getsockname()[0])
 
 
 class VirtualIP:
@@ -76,7 +85,11 @@ class PairRole:
             peer=pair.peer,
         )
         self.vip = VirtualIP(pair.vip, pair.vip_interface or "") if pair.vip else None
-        node = f"{checked.bind[0]}:{checked.bind[1]}" if self.vip is None else checked.bind[0]
+        host = checked.bind[0]
+        if host in ("0.0.0.0", "::", ""):
+            host = local_address_towards(checked.peer)
+        # ties are broken by address: in local mode both share 127.0.0.1, so add the port
+        node = f"{host}:{checked.bind[1]}" if self.vip is None else host
         self.driver = ElectionDriver(
             ElectionConfig(
                 node=node,
@@ -157,7 +170,9 @@ class PairRole:
         interval = max(0.1, b.cfg.pair.advert_interval)
         while True:
             await asyncio.sleep(interval)
-            healthy = len(b.pool.eligible(b.clock())) if b.pool.mode == "normal" else 0
+            # eligible() first: it refreshes pool.mode, which a passive (no traffic) never does
+            eligible = len(b.pool.eligible(b.clock()))
+            healthy = eligible if b.pool.mode == "normal" else 0
             listener_ok = not self.listen_error and (b.role != "active" or b.listening)
             if b.role == "active" and self.vip is None and not b.listening:
                 try:

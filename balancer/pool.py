@@ -160,6 +160,7 @@ class Pool:
         self.algorithm = algorithm
         self.hash_key = hash_key
         self.mode = "none"
+        self._mode_known = False
         self._eligible: list[Backend] = []
         self._eligible_until = -1.0
         self.on_event: Callable[[str, str, str], None] = lambda kind, backend, detail: None
@@ -198,8 +199,10 @@ class Pool:
         if now >= self._eligible_until:
             members, mode = eligible(list(self.backends.values()), self._is_ejected_now)
             if mode != self.mode:
-                self.on_event("pool-mode", "", f"{self.mode} -> {mode}")
+                if self._mode_known:  # the first computation is no change
+                    self.on_event("pool-mode", "", f"{self.mode} -> {mode}")
                 self.mode = mode
+            self._mode_known = True
             self._eligible = members
             # ejections expire by time and slow start changes weights: re-derive often
             self._eligible_until = now + 0.1
@@ -220,11 +223,18 @@ class Pool:
 
     def failure(self, backend: Backend, kind: str) -> None:
         now = self.clock()
+        if kind not in ("connect", "reset", "timeout", "5xx"):
+            kind = "reset"  # e.g. a protocol error: the connection was unusable
         ejection = self.outlier.on_failure(backend.id, kind, now)  # type: ignore[arg-type]
         if ejection is not None:
             backend.ejections += 1
             self.invalidate()
-            self.on_event("ejected", backend.id, f"{kind}: {ejection}")
+            self.on_event(
+                "ejected",
+                backend.id,
+                f"{ejection.reason}; out for {ejection.until - ejection.at:.0f} s "
+                f"(ejection #{ejection.times})",
+            )
 
     # views -----------------------------------------------------------------------
     def state_of(self, backend: Backend) -> str:
