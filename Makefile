@@ -4,9 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# no hyphen: Compose v1.29 and v2 then name containers, networks and volumes identically
+COMPOSE_PROJECT_NAME ?= lbtestbed
+export COMPOSE_PROJECT_NAME
+IMAGE ?= lb-testbed:latest
+BASE_TAG ?= lb-testbed/base:bookworm
+BACKENDS ?= 3
 
 .PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
-	base-image ca-cert clean
+	base-image image ca-cert clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,6 +63,35 @@ soak: $(STAMP)
 	mkdir -p out
 	$(BIN)/python -m loadtest.soak --minutes $(or $(SOAK_MINUTES),10) --json out/soak.json \
 		--plot out/soak.png
+
+# The Dockerfile defaults to python:3.12-slim; with no registry, build a Debian base locally.
+base-image:
+	tools/build-base-image.sh $(BASE_TAG)
+
+image:
+	@base="$(BASE_IMAGE)"; \
+	if [ -z "$$base" ]; then \
+	  if docker image inspect python:3.12-slim >/dev/null 2>&1 \
+	     || timeout 60 docker pull -q python:3.12-slim >/dev/null 2>&1; then base=python:3.12-slim; \
+	  else tools/build-base-image.sh $(BASE_TAG) && base=$(BASE_TAG); fi; \
+	fi; \
+	echo "base image: $$base"; \
+	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
+
+up: image
+	$(COMPOSE) up -d --no-build --scale backend=$(BACKENDS)
+	@echo "service    https://localhost:8443   (make ca-cert, then curl --cacert pki/ca.crt)"
+	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
+	@echo "locust     http://localhost:8089"
+
+# make down [V=1] also removes the volumes (the CA and its certificates)
+down:
+	$(COMPOSE) down --remove-orphans $(if $(V),-v)
+
+ca-cert:
+	mkdir -p pki
+	$(COMPOSE) run --rm -T --no-deps ca cat /certs/ca.crt > pki/ca.crt.tmp && mv pki/ca.crt.tmp pki/ca.crt
+	@echo "wrote pki/ca.crt"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
