@@ -173,11 +173,31 @@ def parse_backend(value: str) -> BackendSpec:
     return BackendSpec(host, port, weight, backup)
 
 
+def _check_type(where: str, key: str, value: Any, default: Any) -> None:
+    """A TOML value must have the type of the setting's default (an int is fine for a float);
+    otherwise validation would fail later with a traceback instead of this message."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, str) or default is None:
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return  # tuples are checked where they are built
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
+
+
 def _section(cls: type[Any], data: dict[str, Any], name: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"[{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
+    for f in fields(cls):
+        if f.name in data:
+            _check_type(f"[{name}]", f.name, data[f.name], f.default)
     try:
         return cls(**data)
     except TypeError as exc:
@@ -196,6 +216,10 @@ _SECTIONS = {
 }
 
 
+_TOP = {f.name: f.default for f in fields(Config)}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def load_toml(path: str) -> Config:
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -211,7 +235,13 @@ def load_toml(path: str) -> Config:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a table")
             if key == "tls" and "certs" in value:
-                value = dict(value, certs=tuple(tuple(p) for p in value["certs"]))
+                certs = value["certs"]
+                if not isinstance(certs, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                    for p in certs
+                ):
+                    raise ConfigError('[tls]: certs must be a list of ["cert.pem", "key.pem"]')
+                value = dict(value, certs=tuple(tuple(p) for p in certs))
             top[key] = _section(_SECTIONS[key], value, key)
         elif key == "backends":
             if not isinstance(value, list):
@@ -220,9 +250,12 @@ def load_toml(path: str) -> Config:
             for item in value:
                 if isinstance(item, str):
                     specs.append(parse_backend(item))
-                elif isinstance(item, dict) and "address" in item:
+                elif isinstance(item, dict) and isinstance(item.get("address"), str):
                     spec = parse_backend(item["address"])
                     extra = {k: v for k, v in item.items() if k != "address"}
+                    for f in fields(BackendSpec):
+                        if f.name in extra:
+                            _check_type("backends", f.name, extra[f.name], f.default)
                     try:
                         specs.append(replace(spec, **extra))
                     except TypeError as exc:
@@ -231,8 +264,11 @@ def load_toml(path: str) -> Config:
                     raise ConfigError(f"backends: invalid entry {item!r}")
             top["backends"] = tuple(specs)
         elif key == "discover":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError('discover must be a list of "NAME:PORT" strings')
             top["discover"] = tuple(value)
-        elif key in {f.name for f in fields(Config)} and key != "source":
+        elif key in _TOP and key != "source":
+            _check_type(path, key, value, _TOP[key])
             top[key] = value
         else:
             raise ConfigError(f"unknown setting {key!r} in {path}")
@@ -269,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--slow-start", type=float, help="seconds a recovered backend ramps up over")
     p.add_argument("--access-log", help="file for JSON access log lines, or - for stdout")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--forwarded", action="store_true", default=None, help="add RFC 7239 Forwarded")
     p.add_argument("--tls-facts", action="store_true", default=None, help="add TLS version/cipher")
     p.add_argument("--tls-cert", action="append", default=[], help="certificate chain (PEM)")
@@ -395,13 +431,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"invalid hash key {cfg.hash_key!r}: use source, header:NAME, cookie:NAME"
         )
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError(f"unknown log level {cfg.log_level!r}; choose {', '.join(LOG_LEVELS)}")
+    for b in cfg.backends:
+        if not 0 < b.weight <= 1000:
+            raise ConfigError(f"backend {b.id}: weight must be in (0, 1000]")
     ids = [b.id for b in cfg.backends]
     if len(set(ids)) != len(ids):
         raise ConfigError("the same backend is listed twice")
     for spec in cfg.discover:
         split_hostport(spec, "discover")
+    if not cfg.discover_interval > 0:
+        raise ConfigError("discover_interval must be > 0")
+    if not cfg.slow_start >= 0:
+        raise ConfigError("slow start must be >= 0 seconds")
     for f in fields(Timeouts):
-        if getattr(cfg.timeouts, f.name) <= 0:
+        if not getattr(cfg.timeouts, f.name) > 0:  # also refuses nan
             raise ConfigError(f"timeout {f.name} must be > 0")
     if cfg.timeouts.upstream_idle >= 75:
         raise ConfigError("upstream_idle must stay below the backends' keep-alive (75 s)")

@@ -189,6 +189,9 @@ def inspect_request(
     elif cl_seen is not None:
         content_length = int(cl_seen)
         framing = Framing.LENGTH if content_length else Framing.NONE
+    if version != "1.1" and version != "1.0":
+        # llhttp accepts any digit.digit; a 2.0 or 0.9 claim in HTTP/1 syntax is bogus
+        raise BadRequest(400, "unsupported HTTP version")
     if not target:
         raise BadRequest(400, "empty request target")
     if target[:1] != b"/":
@@ -269,6 +272,8 @@ def upstream_request(
     ]
     if host:
         parts += (b"Host: ", host, b"\r\nX-Forwarded-Host: ", host, b"\r\n")
+    else:
+        parts.append(b"Host: \r\n")  # HTTP/1.1 requires one; empty when unknown (RFC 9112 3.2)
     if opts.request_id and not req.request_id:
         parts += (b"X-Request-Id: ", new_request_id(), b"\r\n")
     if opts.forwarded:
@@ -350,8 +355,9 @@ def downstream_response(
         if lname == b"content-length":
             length = int(value.strip())
         parts += (name, b": ", value, b"\r\n")
-    if drop:
-        # rare: the backend named extra hop-by-hop headers in Connection
+    if drop and any(n.lower() in drop for n, _ in headers):
+        # rare: the backend named extra hop-by-hop headers in Connection (once they are
+        # filtered out the check fails, so this recurses only once)
         return downstream_response(
             status,
             reason,
@@ -394,9 +400,12 @@ _HOP_LINE = re.compile(
     rb"|proxy-authenticate|proxy-authorization):[^\r\n]*\r\n",
     re.I | re.M,
 )
-_CL_LINE = re.compile(rb"^content-length:[ \t]*(\d+)", re.I | re.M)
-_TE_LINE = re.compile(rb"^transfer-encoding:", re.I | re.M)
-_CONN_LINE = re.compile(rb"^connection:([^\r\n]*)", re.I | re.M)
+# The lines a proxy reads in a response head: hop-by-hop ones and Content-Length.
+_SPECIAL_LINE = re.compile(
+    rb"^(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|proxy-authenticate|proxy-authorization|content-length):[ \t]*([^\r\n]*)\r\n",
+    re.I | re.M,
+)
 
 
 def split_head(raw: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -424,17 +433,24 @@ def rewrite_response_head(
     """Like `downstream_response`, from the raw head bytes (status line + header lines)."""
     eol = raw.find(b"\r\n")
     block = raw[eol + 2 :]
-    conn = _CONN_LINE.search(block)
-    if status == 101 or (
-        conn is not None
-        and any(
-            t.strip() and t.strip() not in _PLAIN_CONNECTION
-            for t in conn.group(1).lower().split(b",")
-        )
-    ):
+    te = False
+    length = -1
+    hop = False
+    for name, value in _SPECIAL_LINE.findall(block):
+        lname = name.lower()
+        if lname == b"content-length":
+            length = int(value)
+            continue
+        hop = True
+        if lname == b"transfer-encoding":
+            te = True
+        elif lname == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+            if any(t.strip() not in _PLAIN_CONNECTION for t in value.lower().split(b",")):
+                status = -status  # rare: extra hop-by-hop names; take the slow path below
+    if status < 0 or status == 101:
         reason, headers = split_head(raw)
         return downstream_response(
-            status,
+            abs(status),
             reason,
             headers,
             head_request,
@@ -442,18 +458,16 @@ def rewrite_response_head(
             keep_alive=keep_alive,
             extra=extra,
         )
-    te = _TE_LINE.search(block) is not None
-    block = _HOP_LINE.sub(b"", block)
+    if hop:
+        block = _HOP_LINE.sub(b"", block)
     if head_request or status < 200 or status in (204, 304):
         framing = Framing.NONE
     elif te:
         framing = Framing.CHUNKED
+    elif length < 0:
+        framing = Framing.UNTIL_CLOSE
     else:
-        cl = _CL_LINE.search(block)
-        if cl is None:
-            framing = Framing.UNTIL_CLOSE
-        else:
-            framing = Framing.LENGTH if int(cl.group(1)) else Framing.NONE
+        framing = Framing.LENGTH if length else Framing.NONE
     status_line = raw[:eol]
     if not status_line.startswith(b"HTTP/1.1 "):
         status_line = b"HTTP/1.1 " + status_line.partition(b" ")[2]

@@ -43,7 +43,8 @@ PENDING_HIGH = 256 * 1024  # buffered request body before we stop reading the cl
 MAX_PIPELINE = 16
 
 # deadline kinds of a client connection
-D_NONE, D_HEAD, D_IDLE, D_BODY, D_TUNNEL = range(5)
+D_NONE, D_HEAD, D_IDLE, D_BODY, D_TUNNEL, D_LINGER = range(6)
+LINGER = 2.0  # seconds we drain a refused client's input before closing
 
 
 class ProxyStats:
@@ -208,9 +209,11 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.header_bytes = 0
         self.in_head = False
         self.closed = False
         self.broken: tuple[int, str] | None = None
+        self.lingering = False
         self.paused = False
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_wait = False
@@ -237,9 +240,7 @@ class ClientConnection(asyncio.Protocol):
         ctx.clients.add(self)
         if len(ctx.clients) > ctx.limits.max_client_connections or ctx.draining:
             stats.overload_rejections += 1
-            self._write(
-                error_response(503, "too many connections", extra=b"Retry-After: 1\r\n")
-            )
+            self._write(error_response(503, "too many connections", extra=b"Retry-After: 1\r\n"))
             self._close()
             return
         self._set_deadline(D_IDLE, ctx.timeouts.idle_keepalive)
@@ -275,6 +276,8 @@ class ClientConnection(asyncio.Protocol):
             up.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # answered and half-closed: drop what the client still sends
         if self.tunnel is not None:
             self.tunnel.write(data)
             self.deadline = self.ctx.now + self.ctx.timeouts.tunnel_idle
@@ -321,6 +324,7 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_bytes = 0
+        self.header_bytes = 0
         self.in_head = True
         if self.dkind != D_HEAD:
             self._set_deadline(D_HEAD, self.ctx.timeouts.client_header)
@@ -333,18 +337,18 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))
-        if len(headers) > self.ctx.limits.max_headers:
+        lim = self.ctx.limits
+        if len(headers) > lim.max_headers:
             raise BadRequest(431, "too many header fields")
+        # counted here, not from packet sizes: a head that arrives in one packet counts too
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > lim.max_header_bytes:
+            raise BadRequest(431, "header fields too large")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
         lim = self.ctx.limits
-        # head_bytes over-counts (it includes the request line): only then sum exactly
-        if self.head_bytes > lim.max_header_bytes and (
-            sum(len(n) + len(v) + 4 for n, v in self.headers) > lim.max_header_bytes
-        ):
-            raise BadRequest(431, "header fields too large")
         req = inspect_request(
             parser.get_method(), self.url, parser.get_http_version(), self.headers
         )
@@ -411,7 +415,11 @@ class ClientConnection(asyncio.Protocol):
         backend = ctx.pool.pick(key, ex.tried)
         if backend is None:
             if ex.tried:
-                self._respond_error(ex, 502, "no other backend to retry on")
+                # no other backend to retry on: report the last attempt's failure
+                if ex.status == 504:
+                    self._respond_error(ex, 504, "backend did not answer in time")
+                else:
+                    self._respond_error(ex, 502, "no backend could answer")
             else:
                 self._respond_error(ex, 503, "no backend available", retry_after=True)
             return
@@ -454,6 +462,7 @@ class ClientConnection(asyncio.Protocol):
             self._abort()
             return
         ctx = self.ctx
+        ex.status = 504 if kind == "timeout" else 502  # the answer if no retry succeeds
         replayable = not ex.body_sent and (not reached or ex.req.method in IDEMPOTENT)
         if (
             replayable
@@ -492,13 +501,16 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         if self.closed:
             return
-        if not ex.keep_alive or not ex.body_done or self.ctx.draining:
+        if not ex.body_done:
+            self._linger()  # the client may still be sending the body
+            return
+        if not ex.keep_alive or self.ctx.draining:
             self._close()
             return
-        if self.broken is not None:
+        if self.broken is not None and not self.queue:
             status, reason = self.broken
             self._write(error_response(status, reason))
-            self._close()
+            self._linger()
             return
         if self.paused:
             self._resume()
@@ -532,21 +544,20 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
 
     def _bad(self, status: int, reason: str) -> None:
-        """Malformed input: answer after the exchanges already in flight, then close."""
+        """Malformed input: answer the complete requests parsed before it, then close."""
         self.ctx.stats.bad_requests += 1
         self._pause()
         reading = self.reading
         if reading is not None and reading in self.queue:
             self.queue.remove(reading)
         self.reading = None
-        for queued in self.queue:
-            queued.dead = True
-        self.queue.clear()
         self.broken = (status, reason)
         cur = self.current
-        if cur is None:
+        if cur is None and self.queue:
+            self._next()  # `_end` sends the error once the queue is answered
+        elif cur is None:
             self._write(error_response(status, reason))
-            self._close()
+            self._linger()
         elif cur is reading:
             # its body was malformed: the backend got a partial request
             up = cur.upstream
@@ -618,6 +629,24 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def _linger(self) -> None:
+        """Close after an early answer without a RST: send FIN, then drain and drop what the
+        client still sends for a moment. Closing with unread input makes the kernel send a
+        RST, which can destroy the answer in the client's receive buffer (a 413 mid-upload)."""
+        t = self.transport
+        if t is None or self.closed:
+            return
+        self.uncork()
+        if self.lingering or not t.can_write_eof():
+            self._close()
+            return
+        self.lingering = True
+        t.write_eof()
+        if self.paused:
+            self.paused = False
+            t.resume_reading()
+        self._set_deadline(D_LINGER, LINGER)
+
     def _abort(self) -> None:
         self.corked = None
         if self.transport is not None:
@@ -662,6 +691,9 @@ class ClientConnection(asyncio.Protocol):
                 return
         kind = self.dkind
         if kind == D_NONE or now < self.deadline:
+            return
+        if kind == D_LINGER:
+            self._close()
             return
         self.ctx.stats.timeouts += 1
         if kind in (D_IDLE, D_TUNNEL):
@@ -828,7 +860,7 @@ class UpstreamConnection(asyncio.Protocol):
             status,
             ex.head_request,
             client_chunked_ok=ex.req.version != "1.0",
-            keep_alive=ex.keep_alive and conn.broken is None and not self.ctx.draining,
+            keep_alive=ex.keep_alive and not self.ctx.draining,  # `_end` sends any error after
             extra=self.ctx.resp_extra,
         )
         if framing is Framing.UNTIL_CLOSE and not chunked:
@@ -858,8 +890,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = False
             return
         ex = self.ex
-        if ex is None:
-            return
+        if ex is None or self.upgrade_head:
+            return  # a 101 "completes" too: `_upgrade` takes over when the parser raises
         self._complete(ex, self.parser.should_keep_alive())
 
     def _complete(self, ex: Exchange, keep: bool) -> None:
