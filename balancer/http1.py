@@ -124,6 +124,12 @@ class RequestHead:
 
 # Headers we set ourselves from what we saw; a client must not be able to spoof them.
 _REWRITTEN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+# Headers never forwarded as they came: hop-by-hop, re-added from parsed values, or ours.
+_NOT_FORWARDED = (
+    HOP_BY_HOP | _REWRITTEN | {b"host", b"content-length", b"x-forwarded-for", b"via"}
+)
+# Every header inspect_request looks at; anything else is passed through untouched.
+_INSPECTED = _NOT_FORWARDED | {b"x-request-id", b"expect"}
 
 
 def inspect_request(
@@ -142,9 +148,13 @@ def inspect_request(
     conn_values: list[bytes] = []
     xff = b""
     via = b""
-    keep: list[tuple[bytes, bytes, bytes]] = []  # (lower name, name, value)
+    fwd: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
+        if lname not in _INSPECTED:
+            # the common case: an ordinary header, forwarded as it came
+            fwd += (name, b": ", value, b"\r\n")
+            continue
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding":
                 if te_seen:
@@ -179,7 +189,7 @@ def inspect_request(
                 request_id = value
             elif lname == b"expect" and value.strip().lower() == b"100-continue":
                 expect_continue = True
-            keep.append((lname, name, value))
+            fwd += (name, b": ", value, b"\r\n")
     if te_seen:
         if cl_seen is not None:
             raise BadRequest(400, "both Content-Length and Transfer-Encoding")
@@ -215,9 +225,14 @@ def inspect_request(
     if upgrade and framing is not Framing.NONE:
         raise BadRequest(400, "Upgrade request with a body")
     drop = _tokens(conn_values) if conn_values else _EMPTY
-    forward = b"".join(
-        [b"%s: %s\r\n" % (name, value) for lname, name, value in keep if lname not in drop]
-    )
+    if drop - _NOT_FORWARDED:
+        # rare: the client named more hop-by-hop headers in Connection
+        fwd = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in _NOT_FORWARDED and lname not in drop:
+                fwd += (name, b": ", value, b"\r\n")
+    forward = b"".join(fwd)
     return RequestHead(
         method=method,
         target=target,
