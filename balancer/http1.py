@@ -125,9 +125,7 @@ class RequestHead:
 # Headers we set ourselves from what we saw; a client must not be able to spoof them.
 _REWRITTEN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 # Headers never forwarded as they came: hop-by-hop, re-added from parsed values, or ours.
-_NOT_FORWARDED = (
-    HOP_BY_HOP | _REWRITTEN | {b"host", b"content-length", b"x-forwarded-for", b"via"}
-)
+_NOT_FORWARDED = HOP_BY_HOP | _REWRITTEN | {b"host", b"content-length", b"x-forwarded-for", b"via"}
 # Every header inspect_request looks at; anything else is passed through untouched.
 _INSPECTED = _NOT_FORWARDED | {b"x-request-id", b"expect"}
 
