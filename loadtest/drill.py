@@ -1,12 +1,18 @@
 """Failover drills: fixed-rate traffic through the service while something is broken.
 
     python -m loadtest.drill kill-backend --local --json out.json [--md out.md] [--plot out.png]
+    python -m loadtest.drill scale-backends --json out.json   # docker only
+
 
 A drill = a `Target` (where the stack runs: `LocalTarget` starts a `LocalStack`,
 `DockerTarget` drives the compose containers) + a `Scenario` (what to break, and how to
 restore it). While traffic runs, every balancer's /api/state is polled every 100 ms; the
 report (see loadtest/report.py for the metric definitions) is built from the outcomes,
 the drill events and those samples.
+
+Two scenarios do not fit "break, then restore": `restart-backend` is one action (stop and
+start again) recorded as a stop event and a restart event, and `scale-backends` adds a
+backend replica and removes it again; its report has `added_s`/`removed_s` on top.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import io
 import json
+import secrets
 import signal
 import sys
 import tarfile
@@ -47,8 +54,8 @@ class DrillError(RuntimeError):
 class Scenario:
     name: str
     kind: str  # "backend" or "balancer"
-    fault: str  # kill, stop, pause, disconnect
-    restore: str | None  # restart, resume, reconnect, or None (stay broken)
+    fault: str  # kill, stop, pause, disconnect, restart (stop + start), add (a replica)
+    restore: str | None  # restart, resume, reconnect, remove, or None (stay broken)
     docker_only: bool = False
 
 
@@ -59,6 +66,8 @@ SCENARIOS = {
         Scenario("stop-backend", "backend", "stop", "restart"),
         Scenario("pause-backend", "backend", "pause", "resume"),
         Scenario("disconnect-backend", "backend", "disconnect", "reconnect", docker_only=True),
+        Scenario("restart-backend", "backend", "restart", None),
+        Scenario("scale-backends", "backend", "add", "remove", docker_only=True),
         Scenario("kill-active-balancer", "balancer", "kill", None),
         Scenario("stop-active-balancer", "balancer", "stop", None),
         Scenario("pause-active-balancer", "balancer", "pause", "resume"),
@@ -92,6 +101,10 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def act(self, kind: str, name: str, action: str) -> str:
         """Do `action` to backend/balancer `name`; return a short description."""
+
+    def extra_backend_name(self) -> str:
+        """The X-Backend name the `add` action will give a new replica."""
+        raise DrillError(f"the {self.name} target cannot add backends")
 
 
 _SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGTERM, "pause": signal.SIGSTOP}
@@ -207,6 +220,8 @@ class DockerTarget(Target):
         self.backend_ids: dict[str, str] = {}
         self.network: Any = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._extra_name: str | None = None
+        self._created: list[Any] = []  # containers this drill made; removed in teardown
 
     def setup(self, scenario: Scenario) -> None:
         try:
@@ -244,6 +259,8 @@ class DockerTarget(Target):
             self.network = self.client.networks.get(net_name)
             self.backend_ids[name] = f"{nets[net_name]['IPAddress']}:{self.backend_port}"
         self.ca_file = self._fetch_ca(self.containers["balancer-a"])
+        if scenario.fault == "add":
+            self._extra_name = f"backend-drill-{secrets.token_hex(3)}"
 
     def _fetch_ca(self, container: Any) -> str:
         stream, _ = container.get_archive("/certs/ca.crt")
@@ -258,8 +275,69 @@ class DockerTarget(Target):
         return str(path)
 
     def teardown(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        try:
+            for c in self._created:
+                with contextlib.suppress(Exception):  # NotFound: already removed by `remove`
+                    c.remove(force=True)
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def extra_backend_name(self) -> str:
+        if self._extra_name is None:
+            raise DrillError("docker target: extra backend name asked before setup()")
+        return self._extra_name
+
+    def _add_backend(self, name: str) -> Any:
+        """A replica like the existing ones (image, command, mounts, network alias `backend`,
+        compose labels so `docker-compose down` removes it too), hostname = `name`."""
+        template = next(c for n, c in self.containers.items() if n in self.backend_ids)
+        template.reload()
+        cfg, host = template.attrs["Config"], template.attrs["HostConfig"]
+        labels = dict(cfg.get("Labels") or {})
+        project = labels.get("com.docker.compose.project", "lb")
+        labels["com.docker.compose.container-number"] = str(900 + len(self._created))
+        labels["lb-testbed.drill"] = "scale-backends"
+        binds = [
+            f"{m['Name'] if m['Type'] == 'volume' else m['Source']}:{m['Destination']}:"
+            + ("rw" if m.get("RW") else "ro")
+            for m in template.attrs.get("Mounts", [])
+            if m.get("Type") in ("volume", "bind")
+        ]
+        api = self.client.api
+        host_config = api.create_host_config(
+            binds=binds,
+            cap_drop=host.get("CapDrop"),
+            cap_add=host.get("CapAdd"),
+            read_only=bool(host.get("ReadonlyRootfs")),
+            security_opt=host.get("SecurityOpt"),
+            network_mode=self.network.name,
+        )
+        networking = api.create_networking_config(
+            {self.network.name: api.create_endpoint_config(aliases=["backend", name])}
+        )
+        created = api.create_container(
+            cfg["Image"],
+            command=cfg.get("Cmd"),
+            entrypoint=cfg.get("Entrypoint"),
+            environment=cfg.get("Env"),
+            user=cfg.get("User") or None,
+            working_dir=cfg.get("WorkingDir") or None,
+            labels=labels,
+            hostname=name,
+            healthcheck=cfg.get("Healthcheck"),
+            host_config=host_config,
+            networking_config=networking,
+            name=f"{project}_{name}",
+        )
+        c = self.client.containers.get(created["Id"])
+        self._created.append(c)
+        c.start()
+        c.reload()
+        nets = c.attrs["NetworkSettings"]["Networks"]
+        self.containers[name] = c
+        self.backend_ids[name] = f"{nets[self.network.name]['IPAddress']}:{self.backend_port}"
+        return c
 
     def admin_urls(self) -> dict[str, str]:
         return dict(self._admin_urls)
@@ -271,7 +349,14 @@ class DockerTarget(Target):
         return self.backend_ids[name]
 
     def act(self, kind: str, name: str, action: str) -> str:
+        if action == "add":
+            c = self._add_backend(name)
+            return f"started container {c.name} ({self.backend_ids[name]})"
         c = self.containers[name]
+        if action == "remove":
+            c.stop(timeout=10)  # SIGTERM: the backend finishes in-flight requests
+            c.remove()
+            return f"stopped and removed container {c.name}"
         if action == "kill":
             c.kill("SIGKILL")
         elif action == "stop":
@@ -286,6 +371,10 @@ class DockerTarget(Target):
                 c.restart(timeout=10)
             else:
                 c.start()
+            if kind == "backend":  # the IP may change; later ids must follow
+                c.reload()
+                ip = c.attrs["NetworkSettings"]["Networks"][self.network.name]["IPAddress"]
+                self.backend_ids[name] = f"{ip}:{self.backend_port}"
         elif action == "disconnect":
             self.network.disconnect(c)
         elif action == "reconnect":
@@ -293,6 +382,73 @@ class DockerTarget(Target):
         else:
             raise DrillError(f"docker target cannot {action}")
         return f"{action} container {c.name}"
+
+
+# ---- pure helpers (no I/O) ---------------------------------------------------------------
+
+
+def action_events(
+    action: str, victim: str, t_start: float, t_end: float, detail: str, *, is_fault: bool
+) -> list[DrillEvent]:
+    """Events for one action. A restart *as the fault* is a stop at t_start and a restart
+    at t_end, so the report's fault/restore metrics apply to it unchanged."""
+    if is_fault and action == "restart":
+        return [
+            DrillEvent(t_start, "stop", victim, "restart: stopping"),
+            DrillEvent(t_end, "restart", victim, detail),
+        ]
+    return [DrillEvent(t_start, action, victim, detail)]
+
+
+def _first_event(events: list[DrillEvent], kind: str) -> DrillEvent | None:
+    return min((e for e in events if e.kind == kind), key=lambda e: e.t, default=None)
+
+
+def scale_summary(
+    events: list[DrillEvent],
+    samples: list[StateSample],
+    outcomes: list[Outcome],
+    name: str,
+    backend_id: str | None,
+) -> dict[str, Any]:
+    """Metrics of an add + remove of one replica; times relative to the events.
+
+    added_s: `add` -> the later of (a non-passive balancer shows it "up") and (the first
+    2xx it served completed). removed_s: `remove` -> the first sample after which no
+    reachable balancer lists it any more (drained and gone). None when never reached.
+    """
+    add, remove = _first_event(events, "add"), _first_event(events, "remove")
+    served = [o for o in outcomes if o.ok and o.backend == name and o.latency is not None]
+    out: dict[str, Any] = {
+        "added_backend": name,
+        "added_backend_id": backend_id,
+        "served_by_added": len(served),
+        "added_s": None,
+        "removed_s": None,
+    }
+    if add is None or backend_id is None:
+        return out
+    ordered = sorted((s for s in samples if s.reachable), key=lambda s: s.t)
+    t_up = next(
+        (
+            s.t
+            for s in ordered
+            if s.t >= add.t and s.role != "passive" and s.backends.get(backend_id) == "up"
+        ),
+        None,
+    )
+    first_served = min(
+        (o.t_send + (o.latency or 0.0) for o in served if o.t_send >= add.t), default=None
+    )
+    if t_up is not None and first_served is not None:
+        out["added_s"] = round(max(t_up, first_served) - add.t, 3)
+    if remove is not None:
+        after = [s for s in ordered if s.t >= remove.t]
+        listed = [i for i, s in enumerate(after) if backend_id in s.backends]
+        gone_from = listed[-1] + 1 if listed else 0
+        if gone_from < len(after):
+            out["removed_s"] = round(after[gone_from].t - remove.t, 3)
+    return out
 
 
 # ---- the run --------------------------------------------------------------------------
@@ -388,7 +544,9 @@ async def run_drill(
     events: list[DrillEvent] = []
     samples: list[StateSample] = []
     backend_id = None
-    if scenario.kind == "backend":
+    if scenario.fault == "add":
+        victim = target.extra_backend_name()
+    elif scenario.kind == "backend":
         names = target.backend_names()
         victim = names[1] if len(names) > 1 else names[0]  # b2 locally
         backend_id = target.backend_id(victim)
@@ -423,10 +581,12 @@ async def run_drill(
         await asyncio.sleep(max(0.0, t0 + at - clock()))
         t = clock()
         try:
-            detail = target.act(scenario.kind, victim, action)
+            # in a thread: docker stop/restart block for seconds, traffic must go on
+            detail = await asyncio.to_thread(target.act, scenario.kind, victim, action)
         except Exception as exc:  # one failed action must not lose the whole recording
-            detail = f"failed: {exc}"
-        events.append(DrillEvent(t, action, victim, detail))
+            detail = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        is_fault = action == scenario.fault
+        events.extend(action_events(action, victim, t, clock(), detail, is_fault=is_fault))
         if progress:
             print(f"[{t - t0:5.1f}s] {action} {victim}: {detail}", file=sys.stderr, flush=True)
 
@@ -443,7 +603,7 @@ async def run_drill(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-    return build_report(
+    report = build_report(
         scenario=scenario.name,
         target=target.name,
         rate=rate,
@@ -456,6 +616,19 @@ async def run_drill(
         backend_id=backend_id,
         stall_s=stall_s,
     )
+    if scenario.fault == "add":
+        extra_id = None
+        with contextlib.suppress(KeyError):  # the add itself failed
+            extra_id = target.backend_id(victim)
+        rel_events = [DrillEvent(e.t - t0, e.kind, e.target, e.detail) for e in events]
+        rel_samples = [
+            StateSample(s.t - t0, s.balancer, s.reachable, s.role, s.backends) for s in samples
+        ]
+        rel_outcomes = [
+            Outcome(o.t_send - t0, o.latency, o.status, o.error, o.backend) for o in outcomes
+        ]
+        report |= scale_summary(rel_events, rel_samples, rel_outcomes, victim, extra_id)
+    return report
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -574,8 +747,18 @@ def main(argv: list[str] | None = None) -> int:
     except DrillError as exc:
         print(f"drill: {exc}", file=sys.stderr)
         return 2
-    summary = {k: report[k] for k in ("failed_requests", "detect_s", "recover_s", "failover_s")}
+    keys = ["failed_requests", "detect_s", "recover_s", "failover_s"]
+    if scenario.fault == "add":
+        keys = ["failed_requests", "added_s", "removed_s", "served_by_added"]
+    summary = {k: report[k] for k in keys}
     print(f"drill {scenario.name}: {json.dumps(summary)} -> {args.json}", file=sys.stderr)
+    if scenario.fault == "add" and (report["added_s"] is None or report["removed_s"] is None):
+        print(
+            f"drill: backend {report['added_backend']} was not "
+            + ("discovered and served" if report["added_s"] is None else "drained and removed"),
+            file=sys.stderr,
+        )
+        return 1
     if args.max_failed is not None and report["failed_requests"] > args.max_failed:
         print(
             f"drill: {report['failed_requests']} failed > --max-failed {args.max_failed}",

@@ -1,0 +1,227 @@
+"""End to end against the compose stack (`make up`): HTTPS through the VIP with our CA, the
+balancer pair, Locust, and the failover drills. Tests run in file order; each one leaves
+the stack healthy (one active balancer, every backend up) for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_stack import (
+    ADMINS,
+    BACKENDS,
+    LOCUST_URL,
+    PROJECT,
+    SERVICE_URL,
+    Stack,
+    active_backends,
+    all_backends_up,
+    get_json,
+    healthy_pair,
+    roles,
+    wait_for,
+)
+
+DRILL_TIMEOUT_S = 180
+SHORT = ("--rate", "100", "--duration", "15")  # scale-backends keeps 20 s: discovery needs time
+FAILOVER_TARGET_S = 1.0  # the issue's target for drill 2
+
+
+def https_get(url: str, ctx: ssl.SSLContext) -> tuple[int, str | None, bytes]:
+    with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+        return resp.status, resp.headers.get("X-Backend"), resp.read()
+
+
+def backend_names(ca_file: Path, max_requests: int = 30) -> set[str]:
+    """X-Backend values over up to `max_requests` verified requests (stops at BACKENDS)."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    names: set[str] = set()
+    for _ in range(max_requests):
+        status, name, _ = https_get(SERVICE_URL + "/", ctx)
+        assert status == 200
+        if name:
+            names.add(name)
+        if len(names) >= BACKENDS:
+            break
+    return names
+
+
+def run_drill(stack: Stack, scenario: str, out: Path, *extra: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "loadtest.drill", scenario, "--json", str(out)]
+    argv += ["--project", PROJECT, "--quiet", *extra]
+    p = subprocess.run(
+        argv,
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=DRILL_TIMEOUT_S,
+        check=False,
+    )
+    assert p.returncode == 0, f"drill {scenario} exit {p.returncode}:\n{p.stderr[-3000:]}"
+    report: dict[str, Any] = json.loads(out.read_text())
+    print(f"\n{p.stderr.strip()}")  # the drill's one-line summary
+    return report
+
+
+def docker_start(service: str) -> None:
+    """`docker start` the (only) container of a compose service."""
+    label = [
+        "--filter",
+        f"label=com.docker.compose.project={PROJECT}",
+        "--filter",
+        f"label=com.docker.compose.service={service}",
+    ]
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", *label], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    assert len(ids) == 1, f"expected one {service} container, found {ids}"
+    subprocess.run(["docker", "start", ids[0]], capture_output=True, timeout=60, check=True)
+
+
+# ---- HTTPS through the VIP -----------------------------------------------------------------
+
+
+def test_curl_verifies_the_service_with_our_ca(stack: Stack) -> None:
+    p = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--cacert", str(stack.ca_file), "-D", "-", SERVICE_URL],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    head = p.stdout.lower()
+    assert head.startswith("http/1.1 200") and "x-backend:" in head
+
+
+def test_python_client_with_only_our_ca_sees_every_backend(stack: Stack) -> None:
+    ctx = ssl.create_default_context(cafile=str(stack.ca_file))  # trusts our CA only
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    names = backend_names(stack.ca_file)
+    assert len(names) == BACKENDS, f"X-Backend values seen: {names}"
+
+
+def test_client_without_our_ca_fails_verification(stack: Stack) -> None:
+    ctx = ssl.create_default_context()  # the system store: our CA is not in it
+    with pytest.raises(urllib.error.URLError) as exc:
+        https_get(SERVICE_URL + "/", ctx)
+    assert isinstance(exc.value.reason, ssl.SSLCertVerificationError)
+    p = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", SERVICE_URL + "/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 60, p.stderr  # curl: peer certificate cannot be authenticated
+
+
+# ---- the balancer pair ---------------------------------------------------------------------
+
+
+def test_exactly_one_balancer_is_active(stack: Stack) -> None:
+    r = roles()
+    assert sorted(str(v) for v in r.values()) == ["active", "passive"], r
+    active = next(n for n, role in r.items() if role == "active")
+    state = get_json(ADMINS[active] + "/api/state")
+    assert len(state["backends"]) == BACKENDS
+    assert {b["state"] for b in state["backends"]} == {"up"}
+
+
+# ---- Locust -------------------------------------------------------------------------------
+
+
+def _locust(path: str, form: dict[str, str] | None = None) -> Any:
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    with urllib.request.urlopen(LOCUST_URL + path, data=data, timeout=5) as resp:
+        body = resp.read()
+        assert resp.status == 200, (path, resp.status)
+    return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+
+def test_locust_master_has_a_worker_and_a_short_swarm_succeeds(stack: Stack) -> None:
+    html = _locust("/")
+    assert b"<html" in html.lower()
+    wait_for("a Locust worker", lambda: _locust("/stats/requests")["worker_count"] >= 1, timeout=60)
+    _locust("/stats/reset", {})
+    started = _locust("/swarm", {"user_count": "4", "spawn_rate": "4"})
+    assert started["success"], started
+    try:
+        time.sleep(5)  # users verify TLS against our CA inside lbnet
+    finally:
+        _locust("/stop", {})
+    stats = _locust("/stats/requests")
+    total = next(s for s in stats["stats"] if s["name"] == "Aggregated")
+    assert total["num_requests"] > 0, stats
+    assert total["num_failures"] == 0, stats.get("errors")
+    print(f"\nlocust: {total['num_requests']} requests, 0 failures, {stats['worker_count']} worker")
+
+
+# ---- drills (each leaves the stack healthy) ---------------------------------------------
+
+
+def test_drill_kill_backend_loses_no_request(stack: Stack, tmp_path: Path) -> None:
+    r = run_drill(stack, "kill-backend", tmp_path / "kill-backend.json", *SHORT)
+    assert r["counts"]["sent"] > 0
+    assert r["failed_requests"] == 0, r["counts"]
+    assert [e["kind"] for e in r["events"]] == ["kill", "restart"]
+    assert r["detect_s"] is not None
+    # the drill restarted the backend: all of them serve again
+    wait_for(f"{BACKENDS} backends up", all_backends_up, 60)
+    wait_for(f"{BACKENDS} X-Backend names", lambda: len(backend_names(stack.ca_file)) == 3, 30)
+
+
+def test_drill_restart_backend_loses_no_request(stack: Stack, tmp_path: Path) -> None:
+    r = run_drill(stack, "restart-backend", tmp_path / "restart-backend.json", *SHORT)
+    assert r["failed_requests"] == 0, r["counts"]
+    assert [e["kind"] for e in r["events"]] == ["stop", "restart"]
+    assert r["recover_s"] is not None, "the restarted backend never served again"
+    wait_for(f"{BACKENDS} backends up", all_backends_up, 60)
+
+
+def test_drill_scale_backends_adds_serves_and_drains(stack: Stack, tmp_path: Path) -> None:
+    r = run_drill(stack, "scale-backends", tmp_path / "scale.json", "--rate", "100")
+    assert r["failed_requests"] == 0, r["counts"]
+    assert r["added_s"] is not None and r["served_by_added"] > 0
+    assert r["removed_s"] is not None
+    ids = {b["id"] for b in active_backends()}
+    assert r["added_backend_id"] not in ids
+    wait_for(f"{BACKENDS} backends up", all_backends_up, 60)
+    # the drill removed its container; nothing but the compose replicas is left
+    p = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=lb-testbed.drill"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert p.stdout.split() == []
+
+
+def test_drill_kill_active_balancer_fails_over(stack: Stack, tmp_path: Path) -> None:
+    r = run_drill(stack, "kill-active-balancer", tmp_path / "kill-active.json", *SHORT)
+    failover = r["failover_s"]
+    print(f"failover_s={failover} failed_requests={r['failed_requests']}")
+    try:
+        assert failover is not None, "no good request after the active balancer was killed"
+        assert r["active_after"] not in (None, r["active_before"]), r
+        assert failover <= FAILOVER_TARGET_S, (
+            f"failover took {failover} s (target <= {FAILOVER_TARGET_S} s); "
+            f"failed requests: {r['failed_requests']}"
+        )
+    finally:
+        # bring the killed balancer back so the pair is whole again
+        docker_start(r["faulted"])
+        wait_for("both balancers healthy, one active", healthy_pair, 90)
+    assert set(roles()) == set(ADMINS)
