@@ -21,8 +21,13 @@ def _install_uvloop() -> str:
 
 async def _serve(cfg: Config, argv: list[str]) -> int:
     from .server import Balancer
+    from .tls import TLSConfigError
 
-    balancer = Balancer(cfg)
+    try:
+        balancer = Balancer(cfg)  # loads the TLS files: a bad one is a user error
+    except TLSConfigError as exc:
+        print(f"balancer: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         await balancer.start()
     except OSError as exc:

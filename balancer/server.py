@@ -20,6 +20,20 @@ from .proxy import ClientConnection, ProxyContext, Sweeper, access_log_sink
 
 log = logging.getLogger("balancer")
 
+# Settings a reload cannot change in a running process (sockets, contexts and check tasks
+# are built from them at start). The admin token file and client CA are re-read per request.
+RESTART_ONLY = ("listen", "tls", "pair", "health", "outlier", "slow_start")
+RESTART_ONLY_ADMIN = ("listen", "cert", "key")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Names of the settings that differ between `old` and `new` but need a restart."""
+    names = [n for n in RESTART_ONLY if getattr(old, n) != getattr(new, n)]
+    names += [
+        f"admin.{n}" for n in RESTART_ONLY_ADMIN if getattr(old.admin, n) != getattr(new.admin, n)
+    ]
+    return names
+
 
 @dataclass(frozen=True)
 class Event:
@@ -249,6 +263,10 @@ class Balancer:
 
     def apply(self, cfg: Config) -> None:
         """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
+        # say so rather than pretend a changed value took effect
+        fixed = restart_only_changes(self.cfg, cfg)
+        if fixed:
+            log.warning("reload: %s changed; takes effect after a restart", ", ".join(fixed))
         pool = self.pool
         wanted = {b.id: b for b in cfg.backends}
         for bid, backend in list(pool.backends.items()):
@@ -274,7 +292,10 @@ class Balancer:
             self.checks.sync()
         if self.tls_store is not None:
             self.tls_store.reload()
-        self.emit("reload", "", "configuration applied")
+        detail = "configuration applied"
+        if fixed:
+            detail += f"; restart needed for: {', '.join(fixed)}"
+        self.emit("reload", "", detail)
 
     def drain_and_remove(self, bid: str) -> None:
         backend = self.pool.backends.get(bid)

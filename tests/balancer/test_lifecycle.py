@@ -1,0 +1,399 @@
+"""The balancer's life cycle through real signals to a real process: SIGTERM drains in-flight
+requests and exits 0; SIGHUP (and POST /api/reload) re-reads the TOML config under load; an
+invalid new config is refused while the old one keeps serving.
+
+Every balancer and backend is a child process on free loopback ports, killed at teardown.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.testing import BackendProcess, spawn_backend_process
+
+ROOT = Path(__file__).resolve().parents[2]
+IO_TIMEOUT = 5.0  # every single socket operation
+START_TIMEOUT = 15.0
+
+
+# ---------------------------------------------------------------- processes
+
+
+class BalancerProc:
+    """`python -m balancer ARGS` with stdout/stderr in files; `port`/`admin_url` once ready."""
+
+    def __init__(self, tmp: Path, args: list[str], name: str = "lb") -> None:
+        self.out_path = tmp / f"{name}.out"
+        self.err_path = tmp / f"{name}.err"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "balancer", *args],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        self.port = 0
+        self.admin_url = ""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for line in self.out_path.read_text(errors="replace").splitlines():
+                if "listening on " in line:
+                    self.port = int(line.rsplit(":", 1)[1])
+                if "admin on " in line:
+                    self.admin_url = line.rsplit(" ", 1)[1]
+            if self.port and self.admin_url:  # every balancer here has an admin listener
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"balancer did not start: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.admin_url}/api/state", timeout=IO_TIMEOUT) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+
+    def post_reload(self) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(f"{self.admin_url}/api/reload", method="POST", data=b"")
+        try:
+            with urllib.request.urlopen(req, timeout=IO_TIMEOUT) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    def backends(self) -> dict[str, dict[str, Any]]:
+        return {b["address"]: b for b in self.state()["backends"]}
+
+    def event_kinds(self) -> list[str]:
+        return [e["kind"] for e in self.state()["events"]]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def plain_get(port: int, path: str, timeout: float = IO_TIMEOUT) -> tuple[int, str | None]:
+    """(status, X-Backend) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.headers["X-Backend"]
+    finally:
+        conn.close()
+
+
+def refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+class LoadLoop:
+    """A client thread: one request per fresh connection until `duration` is over; records
+    failures and which backends answered."""
+
+    def __init__(self, port: int, duration: float) -> None:
+        self.port, self.duration = port, duration
+        self.ok = 0
+        self.failures: list[str] = []
+        self.names: list[str | None] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LoadLoop:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(self.duration + 2 * IO_TIMEOUT)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.duration
+        for _ in range(100_000):
+            if time.monotonic() >= end:
+                return
+            try:
+                status, name = plain_get(self.port, "/")
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if status == 200:
+                self.ok += 1
+                self.names.append(name)
+            else:
+                self.failures.append(f"HTTP {status}")
+
+    def seen_since(self, mark: int) -> set[str | None]:
+        return set(self.names[mark:])
+
+    def wait(self) -> None:
+        self.thread.join(self.duration + 2 * IO_TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[BalancerProc | BackendProcess]]:
+    """Everything started goes in here; killed at teardown. No balancer may have printed
+    a traceback."""
+    started: list[BalancerProc | BackendProcess] = []
+    yield started
+    for p in reversed(started):
+        if isinstance(p, BalancerProc):
+            p.kill()
+        elif p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    for p in started:
+        if isinstance(p, BalancerProc):
+            assert "Traceback" not in p.stderr(), p.stderr()
+
+
+@pytest.fixture
+def backend(procs: list[BalancerProc | BackendProcess]) -> Callable[..., BackendProcess]:
+    def start(name: str, **kw: Any) -> BackendProcess:
+        b = spawn_backend_process(name, **kw)
+        procs.append(b)
+        return b
+
+    return start
+
+
+@pytest.fixture
+def balancer(
+    procs: list[BalancerProc | BackendProcess], tmp_path: Path
+) -> Callable[..., BalancerProc]:
+    def start(*args: str, name: str = "lb") -> BalancerProc:
+        b = BalancerProc(tmp_path, list(args), name)
+        procs.append(b)
+        return b
+
+    return start
+
+
+def write_config(path: Path, body: str) -> None:
+    """Replace the TOML file atomically (a reload never reads half a file)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(body)
+    os.replace(tmp, path)
+
+
+def toml(algorithm: str, backends: list[str]) -> str:
+    return (
+        'listen = "127.0.0.1:0"\n'
+        f'algorithm = "{algorithm}"\n'
+        f"backends = [{', '.join(backends)}]\n"
+        "[admin]\n"
+        'listen = "127.0.0.1:0"\n'
+    )
+
+
+def addr(b: BackendProcess) -> str:
+    return f"127.0.0.1:{b.port}"
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_in_flight_refuses_new_and_exits_0(
+    signum: signal.Signals,
+    backend: Callable[..., BackendProcess],
+    balancer: Callable[..., BalancerProc],
+) -> None:
+    a = backend("a")
+    lb = balancer("--listen", "127.0.0.1:0", "--backend", addr(a), "--admin", "127.0.0.1:0")
+    result: list[tuple[int, str | None] | BaseException] = []
+
+    def slow() -> None:
+        try:
+            result.append(plain_get(lb.port, "/delay?ms=1500", timeout=10.0))
+        except BaseException as exc:  # reported by the assertion below
+            result.append(exc)
+
+    t = threading.Thread(target=slow, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: lb.backends()[addr(a)]["in_flight"] == 1, 5.0)
+        lb.proc.send_signal(signum)
+        sent = time.monotonic()
+        assert wait_until(lambda: refused(lb.port), 3.0)
+        assert lb.proc.poll() is None  # still draining the slow request
+    finally:
+        t.join(15.0)
+    assert result == [(200, "a")]
+    assert lb.proc.wait(timeout=10.0) == 0
+    assert time.monotonic() - sent < 10.0  # well under shutdown_grace + slack
+
+
+def test_sigterm_with_a_request_longer_than_the_grace_exits_after_the_grace(
+    backend: Callable[..., BackendProcess], balancer: Callable[..., BalancerProc]
+) -> None:
+    a = backend("a")
+    lb = balancer(
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        addr(a),
+        "--admin",
+        "127.0.0.1:0",
+        "--timeout-shutdown-grace",
+        "1",
+    )
+    result: list[tuple[int, str | None] | BaseException] = []
+
+    def slow() -> None:
+        try:
+            result.append(plain_get(lb.port, "/delay?ms=8000", timeout=10.0))
+        except BaseException as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=slow, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: lb.backends()[addr(a)]["in_flight"] == 1, 5.0)
+        sent = time.monotonic()
+        lb.proc.send_signal(signal.SIGTERM)
+        assert lb.proc.wait(timeout=6.0) == 0
+        assert time.monotonic() - sent < 5.0  # the grace (1 s) bounds the exit, not the request
+    finally:
+        t.join(15.0)
+    # the cut-off client sees the connection end, not a made-up success
+    assert len(result) == 1 and isinstance(result[0], OSError | http.client.HTTPException)
+
+
+# ---------------------------------------------------------------- SIGHUP / reload
+
+
+def test_sighup_and_admin_reload_under_load(
+    tmp_path: Path, backend: Callable[..., BackendProcess], balancer: Callable[..., BalancerProc]
+) -> None:
+    a, b, c = backend("a"), backend("b"), backend("c")
+    cfg = tmp_path / "lb.toml"
+    write_config(cfg, toml("least-connections", [f'"{addr(a)}"']))
+    lb = balancer("--config", str(cfg))
+    assert lb.state()["algorithm"] == "least-connections"
+
+    with LoadLoop(lb.port, duration=3.0) as load:
+        time.sleep(0.5)
+        # new backend b, weighted round-robin, a's weight 1 -> 3
+        write_config(
+            cfg, toml("round-robin", [f'{{address = "{addr(a)}", weight = 3}}', f'"{addr(b)}"'])
+        )
+        mark = len(load.names)
+        lb.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: lb.state()["algorithm"] == "round-robin", 5.0)
+        assert wait_until(lambda: "b" in load.seen_since(mark), 5.0)
+        load.wait()
+    assert load.failures == []
+    assert load.ok > 20
+    backends = lb.backends()
+    assert set(backends) == {addr(a), addr(b)}
+    assert backends[addr(a)]["weight"] == 3
+    assert "reload" in lb.event_kinds()
+    after = load.names[mark:][-40:]  # well after the switch: a 3 times as often as b
+    assert after.count("a") > 2 * after.count("b") > 0, after
+
+    # the same through the admin API; this time `a` goes away (drained) and `c` joins
+    with LoadLoop(lb.port, duration=3.0) as load:
+        time.sleep(0.5)
+        write_config(cfg, toml("round-robin", [f'"{addr(b)}"', f'"{addr(c)}"']))
+        assert lb.post_reload() == (200, {"reloaded": True})
+        mark = len(load.names)
+        assert wait_until(lambda: {"b", "c"} <= load.seen_since(mark), 5.0)
+        load.wait()
+    assert load.failures == []
+    state = lb.state()
+    assert state["algorithm"] == "round-robin"
+    assert wait_until(lambda: set(lb.backends()) == {addr(b), addr(c)}, 5.0), lb.backends()
+    assert {"draining", "removed"} <= set(lb.event_kinds())
+    assert {plain_get(lb.port, "/")[1] for _ in range(6)} == {"b", "c"}
+
+
+def test_invalid_new_config_is_refused_and_the_old_one_keeps_serving(
+    tmp_path: Path, backend: Callable[..., BackendProcess], balancer: Callable[..., BalancerProc]
+) -> None:
+    a, b = backend("a"), backend("b")
+    cfg = tmp_path / "lb.toml"
+    good = toml("round-robin", [f'"{addr(a)}"', f'"{addr(b)}"'])
+    write_config(cfg, good)
+    lb = balancer("--config", str(cfg))
+
+    with LoadLoop(lb.port, duration=3.0) as load:
+        time.sleep(0.3)
+        write_config(cfg, good.replace("backends = [", "backends = [[[ oops"))  # bad TOML
+        lb.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in lb.stderr(), 5.0), lb.stderr()
+        assert "invalid TOML" in lb.stderr()
+        assert wait_until(lambda: "reload-refused" in lb.event_kinds(), 5.0)
+
+        write_config(cfg, good.replace("round-robin", "fastest-please"))  # unknown algorithm
+        status, body = lb.post_reload()
+        assert status == 400
+        assert "reload refused" in body["error"] and "fastest-please" in body["error"]
+        mark = len(load.names)
+        load.wait()
+    assert load.failures == []
+    assert load.seen_since(mark) == {"a", "b"}  # still both, still round-robin
+    state = lb.state()
+    assert state["algorithm"] == "round-robin"
+    assert set(lb.backends()) == {addr(a), addr(b)}
+    assert [e["kind"] for e in state["events"]].count("reload-refused") == 2
+    assert lb.proc.poll() is None
+
+
+def test_reload_says_which_changes_need_a_restart(
+    tmp_path: Path, backend: Callable[..., BackendProcess], balancer: Callable[..., BalancerProc]
+) -> None:
+    a = backend("a")
+    cfg = tmp_path / "lb.toml"
+    base = toml("round-robin", [f'"{addr(a)}"'])
+    write_config(cfg, base)
+    lb = balancer("--config", str(cfg))
+    # a new health interval and listener address cannot be applied in place
+    write_config(
+        cfg,
+        base.replace('listen = "127.0.0.1:0"\nalgorithm', 'listen = "127.0.0.1:1"\nalgorithm')
+        + "[health]\ninterval = 1.0\n",
+    )
+    lb.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "takes effect after a restart" in lb.stderr(), 5.0), lb.stderr()
+    reloads = [e for e in lb.state()["events"] if e["kind"] == "reload"]
+    assert reloads and reloads[0]["detail"].endswith("restart needed for: listen, health")
+    assert plain_get(lb.port, "/") == (200, "a")  # still on the port it was bound to
