@@ -184,11 +184,18 @@ class AdminServer:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(a.cert, a.key)
+        try:
+            ctx.load_cert_chain(a.cert, a.key)
+        except (OSError, ssl.SSLError) as exc:
+            # name the files: "[SSL] PEM lib" alone tells the user nothing
+            raise OSError(f"admin TLS files {a.cert} / {a.key}: {exc}") from None
         if a.client_ca:
             # optional: reads stay open; a presented certificate must verify or the handshake fails
             ctx.verify_mode = ssl.CERT_OPTIONAL
-            ctx.load_verify_locations(a.client_ca)
+            try:
+                ctx.load_verify_locations(a.client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise OSError(f"admin client CA {a.client_ca}: {exc}") from None
         return ctx
 
     def app(self) -> web.Application:
