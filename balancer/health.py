@@ -387,6 +387,11 @@ class RetryBudget:
     def on_request(self, now: float) -> None:
         self._requests[self._bucket(now)] += 1
 
+    def on_requests(self, now: float, count: int) -> None:
+        """Report `count` requests at once (the data path batches them off the hot path)."""
+        if count > 0:
+            self._requests[self._bucket(now)] += count
+
     def try_retry(self, now: float) -> bool:
         requests, retries = self._totals(now)
         if retries < max(self._floor, self.ratio * requests):

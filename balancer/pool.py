@@ -68,8 +68,10 @@ class Backend:
         "responses",
         "retries",
         "slow_start",
+        "suspect",
         "up_since",
         "waiters",
+        "weight",
     )
 
     def __init__(
@@ -80,6 +82,10 @@ class Backend:
     ) -> None:
         self.id = spec.id
         self.clock = clock
+        # effective weight, a plain attribute read by the scheduler on every pick; the pool
+        # re-derives it (slow start) whenever it recomputes the eligible set
+        self.weight = spec.weight
+        self.suspect = False  # has failures the outlier detector still counts
         self.host = spec.host
         self.port = spec.port
         self._weight = spec.weight
@@ -107,12 +113,11 @@ class Backend:
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0  # seconds, for the Prometheus histogram _sum
 
-    @property
-    def weight(self) -> float:
-        """Effective weight, with slow start applied."""
+    def effective_weight(self, now: float) -> float:
+        """The configured weight, with slow start applied."""
         if self.up_since is None or self.slow_start is None:
             return self._weight
-        return self._weight * self.slow_start.factor(self.up_since, self.clock())
+        return self._weight * self.slow_start.factor(self.up_since, now)
 
     @property
     def configured_weight(self) -> float:
@@ -120,6 +125,7 @@ class Backend:
 
     def set_weight(self, weight: float) -> None:
         self._weight = weight
+        self.weight = self.effective_weight(self.clock())
 
     def observe(self, status: int, seconds: float) -> None:
         self.responses[status // 100 if 100 <= status < 600 else 0] += 1
@@ -156,6 +162,7 @@ class Pool:
         self.budget = RetryBudget(
             ratio=retries.budget_ratio, min_per_second=retries.budget_min_per_second
         )
+        self.unbudgeted = 0  # requests not yet reported to the retry budget
         self.scheduler: Scheduler = make_scheduler(algorithm, rng)
         self.algorithm = algorithm
         self.hash_key = hash_key
@@ -197,6 +204,8 @@ class Pool:
     # the hot path ---------------------------------------------------------------
     def eligible(self, now: float) -> list[Backend]:
         if now >= self._eligible_until:
+            for b in self.backends.values():
+                b.weight = b.effective_weight(now)
             members, mode = eligible(list(self.backends.values()), self._is_ejected_now)
             if mode != self.mode:
                 if self._mode_known:  # the first computation is no change
@@ -212,17 +221,31 @@ class Pool:
         return self.outlier.is_ejected(backend_id, self.clock())
 
     def pick(self, key: bytes | None, exclude: tuple[str, ...] = ()) -> Backend | None:
-        members = self.eligible(self.clock())
+        now = self.clock()
+        members = self._eligible if now < self._eligible_until else self.eligible(now)
         if exclude:
             members = [b for b in members if b.id not in exclude]
         return self.scheduler.pick(members, key)
 
     # outcomes from the data path -------------------------------------------------
     def success(self, backend: Backend) -> None:
-        self.outlier.on_success(backend.id)
+        if backend.suspect:  # nothing to reset otherwise: skip the lookup per request
+            backend.suspect = False
+            self.outlier.on_success(backend.id)
+
+    def flush_budget(self, now: float) -> None:
+        """Report the requests counted on the hot path to the retry budget."""
+        if self.unbudgeted:
+            self.budget.on_requests(now, self.unbudgeted)
+            self.unbudgeted = 0
+
+    def try_retry(self, now: float) -> bool:
+        self.flush_budget(now)
+        return self.budget.try_retry(now)
 
     def failure(self, backend: Backend, kind: str) -> None:
         now = self.clock()
+        backend.suspect = True
         if kind not in ("connect", "reset", "timeout", "5xx"):
             kind = "reset"  # e.g. a protocol error: the connection was unusable
         ejection = self.outlier.on_failure(backend.id, kind, now)  # type: ignore[arg-type]

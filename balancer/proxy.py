@@ -327,7 +327,9 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.in_head = True
         if self.dkind != D_HEAD:
-            self._set_deadline(D_HEAD, self.ctx.timeouts.client_header)
+            ctx = self.ctx
+            self.dkind = D_HEAD
+            self.deadline = ctx.now + ctx.timeouts.client_header
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -406,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         ex.started = self.loop.time()
         if self.paused and len(self.queue) <= MAX_PIPELINE // 2:
             self._resume()
-        self.ctx.pool.budget.on_request(ex.started)
+        self.ctx.pool.unbudgeted += 1  # reported to the retry budget in batches
         self._attempt(ex)
 
     def _attempt(self, ex: Exchange) -> None:
@@ -467,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
         if (
             replayable
             and ex.attempts < ctx.attempts
-            and ctx.pool.budget.try_retry(self.loop.time())
+            and ctx.pool.try_retry(self.loop.time())
         ):
             if backend is not None:
                 backend.retries += 1
@@ -484,17 +486,19 @@ class ClientConnection(asyncio.Protocol):
             self._write(b"0\r\n\r\n")
         now = self.loop.time()
         backend = ex.backend
-        _uncount(ex)
         if backend is not None:
+            if ex.counted:
+                ex.counted = False
+                backend.in_flight -= 1
             backend.bytes_in += ex.bytes_in
             backend.bytes_out += ex.bytes_out
             backend.observe(ex.status, now - ex.started)
-            pool = self.ctx.pool
             if ex.status >= 500:
-                pool.failure(backend, "5xx")
-            else:
-                pool.success(backend)
-        self._log(ex, now)
+                self.ctx.pool.failure(backend, "5xx")
+            elif backend.suspect:
+                self.ctx.pool.success(backend)
+        if self.ctx.access_log is not None:
+            self._log(ex, now)
         self._end(ex)
 
     def _end(self, ex: Exchange) -> None:
@@ -517,7 +521,9 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._next()
         elif not self.in_head and self.reading is None:
-            self._set_deadline(D_IDLE, self.ctx.timeouts.idle_keepalive)
+            ctx = self.ctx
+            self.dkind = D_IDLE
+            self.deadline = ctx.now + ctx.timeouts.idle_keepalive
 
     def _respond_error(
         self, ex: Exchange, status: int, detail: str, *, retry_after: bool = False
@@ -790,7 +796,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.hbuf is not None:
             self.hbuf += data
         conn = ex.conn
-        conn.cork()
+        if conn.corked is None:
+            conn.corked = []  # writes to the client go out as one, after this chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -852,8 +859,9 @@ class UpstreamConnection(asyncio.Protocol):
         if status == 101:
             self.upgrade_head = self._take_head()
             return  # handled by _upgrade once the parser raises HttpParserUpgrade
-        raw = self._take_head()
+        buf = self.hbuf or b""
         self.hbuf = None
+        raw = buf[: buf.find(b"\r\n\r\n") + 2]
         conn = ex.conn
         head, framing, chunked = rewrite_response_head(
             raw,
@@ -869,7 +877,11 @@ class UpstreamConnection(asyncio.Protocol):
         ex.status = status
         ex.chunked_out = chunked
         ex.framing = framing
-        conn._write(head)
+        corked = conn.corked
+        if corked is not None:
+            corked.append(head)
+        else:
+            conn._write(head)
         if ex.head_request:
             # llhttp cannot be told the response to HEAD has no body: finish now
             self.reset_parser = True
@@ -881,7 +893,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         ex.bytes_out += len(body)
         if ex.chunked_out:
-            ex.conn._write(b"%x\r\n%b\r\n" % (len(body), body))
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        corked = ex.conn.corked
+        if corked is not None:
+            corked.append(body)
         else:
             ex.conn._write(body)
 
@@ -898,7 +913,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         ex.upstream = None
         if keep and ex.body_done and not ex.req.upgrade and not self.closed:
-            _release(self.ctx, self)
+            backend = self.backend
+            ctx = self.ctx
+            if (
+                not backend.waiters
+                and len(backend.idle) < ctx.limits.backend_max_idle
+                and backend.admin_state != "maint"
+            ):
+                self.idle_since = ctx.now  # the common case of _release, inline
+                backend.idle.append(self)
+            else:
+                _release(ctx, self)
         else:
             self.close()
         ex.conn.finish(ex)
@@ -1033,6 +1058,7 @@ class Sweeper:
                 log.exception("sweeper failed")
 
     def sweep(self, now: float) -> None:
+        self.pool.flush_budget(now)
         for ctx in self.ctxs:
             ctx.now = now
             for conn in list(ctx.clients):
