@@ -466,11 +466,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ex.status = 504 if kind == "timeout" else 502  # the answer if no retry succeeds
         replayable = not ex.body_sent and (not reached or ex.req.method in IDEMPOTENT)
-        if (
-            replayable
-            and ex.attempts < ctx.attempts
-            and ctx.pool.try_retry(self.loop.time())
-        ):
+        if replayable and ex.attempts < ctx.attempts and ctx.pool.try_retry(self.loop.time()):
             if backend is not None:
                 backend.retries += 1
             self._attempt(ex)
