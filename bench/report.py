@@ -19,10 +19,54 @@ class Row:
     requests: int | None = None
     status: str = "ok"  # "ok" or "error"
     reason: str | None = None
+    cpu_samples: tuple[float, ...] = ()  # per round, when the row is a median of rounds
 
     @classmethod
     def failed(cls, proxy: str, mode: str, reason: str) -> Row:
         return cls(proxy=proxy, mode=mode, status="error", reason=reason)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def median_rows(samples: Sequence[Row]) -> list[Row]:
+    """One row per (proxy, mode): the median of its successful rounds.
+
+    A Python proxy's cost per request swings more between runs than HAProxy's,
+    so one sample per row can say either pass or fail; interleaved rounds and
+    their median are what a claim rests on. Errors and requests add up.
+    """
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in samples:
+        groups.setdefault((row.proxy, row.mode), []).append(row)
+    out = []
+    for (proxy, mode), rows in groups.items():
+        ok = [r for r in rows if r.status == "ok" and r.cpu_us_per_req is not None]
+        if not ok:
+            out.append(rows[-1])
+            continue
+
+        def med(attr: str, rows: list[Row] = ok) -> float | None:
+            values = [getattr(r, attr) for r in rows if getattr(r, attr) is not None]
+            return round(_median(values), 3) if values else None
+
+        out.append(
+            Row(
+                proxy=proxy,
+                mode=mode,
+                rps=med("rps"),
+                cpu_us_per_req=med("cpu_us_per_req"),
+                p50_ms=med("p50_ms"),
+                p99_ms=med("p99_ms"),
+                errors=sum(r.errors or 0 for r in rows),
+                requests=sum(r.requests or 0 for r in ok),
+                cpu_samples=tuple(r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None),
+            )
+        )
+    return out
 
 
 def cpu_ratio(rows: Sequence[Row], numerator: str, denominator: str) -> dict[str, float | None]:

@@ -110,6 +110,9 @@ def _positive(value: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=_positive, default=10, help="measured seconds per row")
+    p.add_argument(
+        "--rounds", type=_positive, default=3, help="interleaved rounds; rows report the median"
+    )
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each row")
     p.add_argument("--connections", type=_positive, default=64)
     p.add_argument("--modes", type=_csv(list(MODES), "mode"), default=DEFAULT_MODES)
@@ -418,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     tools = ensure_tools(args.proxies)
     pins = choose_pins()
     meta = metadata(args, tools, pins)
-    rows: list[report.Row] = []
+    samples: list[report.Row] = []
     with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
         workdir = Path(tmp)
         tls = make_tls(workdir) if any(MODES[m].tls for m in args.modes) else None
@@ -426,19 +429,32 @@ def run(args: argparse.Namespace) -> int:
         try:
             for mode_name in args.modes:
                 mode = MODES[mode_name]
-                for proxy in args.proxies:
-                    print(f"-- {proxy} / {mode.name} ...", file=sys.stderr, flush=True)
-                    started = time.monotonic()
-                    rows.append(
-                        bench_one(
-                            proxy, mode, args, backends, tls if mode.tls else None, workdir, pins
+                # rounds interleave the proxies, so slow drift hits them all alike
+                for rnd in range(1, args.rounds + 1):
+                    for proxy in args.proxies:
+                        print(
+                            f"-- {proxy} / {mode.name} (round {rnd}/{args.rounds}) ...",
+                            file=sys.stderr,
+                            flush=True,
                         )
-                    )
-                    print(f"   done in {time.monotonic() - started:.1f}s", file=sys.stderr)
-                    if nginx.exited() is not None:
-                        raise BenchError(f"backend died: {nginx.failure()}")
+                        started = time.monotonic()
+                        samples.append(
+                            bench_one(
+                                proxy,
+                                mode,
+                                args,
+                                backends,
+                                tls if mode.tls else None,
+                                workdir,
+                                pins,
+                            )
+                        )
+                        print(f"   done in {time.monotonic() - started:.1f}s", file=sys.stderr)
+                        if nginx.exited() is not None:
+                            raise BenchError(f"backend died: {nginx.failure()}")
         finally:
             nginx.stop()
+    rows = report.median_rows(samples)
 
     ratios = {
         "balancer/haproxy cpu_us_per_req": report.cpu_ratio(rows, "balancer", "haproxy"),

@@ -192,6 +192,7 @@ def test_build_document_shape() -> None:
         "requests",
         "status",
         "reason",
+        "cpu_samples",
     }
     assert doc["rows"][2]["status"] == "error"
 
@@ -268,3 +269,31 @@ def test_modes_name_their_load_generator() -> None:
     assert run.MODES["https-handshakes"].loadgen == "handshake"
     assert run.MODES["https-resumptions"].close and run.MODES["https-resumptions"].loadgen == "wrk"
     assert run.parse_args(["--modes", "https-resumptions"]).modes == ["https-resumptions"]
+
+
+def test_median_rows_takes_the_median_of_rounds_and_keeps_the_samples() -> None:
+    from bench.report import Row, median_rows
+
+    samples = [
+        Row("balancer", "http", rps=100, cpu_us_per_req=90.0, errors=0, requests=10),
+        Row("haproxy", "http", rps=300, cpu_us_per_req=30.0, errors=0, requests=30),
+        Row("balancer", "http", rps=120, cpu_us_per_req=60.0, errors=1, requests=12),
+        Row("haproxy", "http", rps=310, cpu_us_per_req=33.0, errors=0, requests=31),
+        Row("balancer", "http", rps=110, cpu_us_per_req=70.0, errors=0, requests=11),
+        Row.failed("haproxy", "http", "crashed"),
+    ]
+    rows = {r.proxy: r for r in median_rows(samples)}
+    assert rows["balancer"].cpu_us_per_req == 70.0
+    assert rows["balancer"].cpu_samples == (90.0, 60.0, 70.0)
+    assert rows["balancer"].errors == 1 and rows["balancer"].requests == 33
+    assert rows["haproxy"].cpu_us_per_req == 31.5  # even count: mean of the middle two
+    assert rows["haproxy"].status == "ok"
+
+
+def test_median_rows_reports_an_error_when_every_round_failed() -> None:
+    from bench.report import Row, median_rows
+
+    rows = median_rows(
+        [Row.failed("balancer", "https", "no cert"), Row.failed("balancer", "https", "no cert")]
+    )
+    assert len(rows) == 1 and rows[0].status == "error" and rows[0].reason == "no cert"
