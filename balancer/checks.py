@@ -68,8 +68,10 @@ class ActiveChecks:
         emit: Callable[[str, str, str], None],
         ssl_ctx: ssl.SSLContext | None = None,
         server_name: str | None = None,
+        on_down: Callable[[Backend], None] | None = None,
     ) -> None:
         self.pool = pool
+        self.on_down = on_down
         self.settings = settings
         self.config = CheckConfig(
             path=settings.path,
@@ -107,8 +109,9 @@ class ActiveChecks:
         checker = HealthChecker(self.config, loop.time(), initially_up=backend.check_up)
         self.checkers[backend.id] = checker
         pool = self.pool
+        delay = checker.next_delay()
         while True:
-            await asyncio.sleep(checker.next_delay())
+            await asyncio.sleep(delay)
             started = loop.time()
             ok, detail = await probe(
                 backend.host,
@@ -129,6 +132,8 @@ class ActiveChecks:
                     pool.invalidate()
                     self.emit("recovered", backend.id, "ejection lifted by a passing check")
             transition = checker.on_result(ok, now, detail)
+            # a timeout already waited a whole check timeout: confirm at once, not later
+            delay = 0.0 if detail == "timeout" and checker.up else checker.next_delay()
             if transition is not None:
                 backend.check_up = checker.up
                 backend.up_since = now if checker.up else None
@@ -137,3 +142,5 @@ class ActiveChecks:
                 log.info(
                     "backend %s is %s (%s)", backend.id, "up" if checker.up else "down", detail
                 )
+                if not checker.up and self.on_down is not None:
+                    self.on_down(backend)

@@ -964,6 +964,28 @@ def _release(ctx: ProxyContext, up: UpstreamConnection) -> None:
     backend.idle.append(up)
 
 
+def rescue_in_flight(ctx: ProxyContext, backend: Backend) -> int:
+    """The backend was declared down: retry elsewhere what it has not begun to answer.
+
+    Without this, requests stuck on a hung backend wait for the backend-response
+    timeout. Only exchanges that are replayable (no body sent, or the method is
+    idempotent, as for any retry) are moved; the others get their 502/504 now.
+    """
+    moved = 0
+    for conn in list(ctx.clients):
+        ex = conn.current
+        if ex is None or ex.backend is not backend or ex.response_started:
+            continue
+        up = ex.upstream
+        if up is None:
+            continue
+        up.ex = None
+        up.close()
+        conn.upstream_failed(ex, "timeout", reached=True)
+        moved += 1
+    return moved
+
+
 def _nodelay(transport: asyncio.BaseTransport) -> None:
     # head and body leave in separate writes; Nagle + delayed ACK would stall them 40 ms
     sock = transport.get_extra_info("socket")

@@ -15,8 +15,8 @@ from typing import Any, cast
 
 from .checks import ActiveChecks
 from .config import BackendSpec, Config, split_hostport
-from .pool import Pool
-from .proxy import ClientConnection, ProxyContext, Sweeper, access_log_sink
+from .pool import Backend, Pool
+from .proxy import ClientConnection, ProxyContext, Sweeper, access_log_sink, rescue_in_flight
 
 log = logging.getLogger("balancer")
 
@@ -146,6 +146,7 @@ class Balancer:
                 self.emit,
                 self.upstream_ssl,
                 cfg.tls.backend_server_name,
+                on_down=self._rescue,
             )
         self.servers: list[asyncio.Server] = []
         self.listening = False
@@ -155,6 +156,11 @@ class Balancer:
         self.admin: Any = None
         self.pair: Any = None
         self.stopping = False
+
+    def _rescue(self, backend: Backend) -> None:
+        moved = rescue_in_flight(self.ctx, backend)
+        if moved:
+            self.emit("rescued", backend.id, f"{moved} in-flight request(s) moved off it")
 
     # events --------------------------------------------------------------------------
     def emit(self, kind: str, backend: str, detail: str) -> None:
