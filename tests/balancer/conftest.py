@@ -483,3 +483,22 @@ def error_logs() -> Iterator[ErrorLogCatcher]:
     yield catcher
     for lg in loggers:
         lg.removeHandler(catcher)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Child processes (BalancerProc or BackendProcess) killed at teardown; no balancer may
+    have printed a traceback."""
+    from balancer_procs import BalancerProc
+
+    started: list[Any] = []
+    yield started
+    for p in reversed(started):
+        if isinstance(p, BalancerProc):
+            p.kill()
+        elif p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    for p in started:
+        if isinstance(p, BalancerProc):
+            assert "Traceback" not in p.stderr(), p.stderr()

@@ -10,117 +10,25 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from balancer_procs import IO_TIMEOUT, ROOT, BalancerProc, free_port, wait_until
 from cryptography import x509
 
 from backends.testing import BackendProcess, spawn_backend_process
 from ca.core import CertAuthority, init_ca
 
-ROOT = Path(__file__).resolve().parents[2]
-IO_TIMEOUT = 5.0  # every single socket operation
-START_TIMEOUT = 15.0
-
-
 # ---------------------------------------------------------------- processes
-
-
-class BalancerProc:
-    """`python -m balancer ARGS` with stdout/stderr in files; `url`/`admin_url` once ready."""
-
-    def __init__(self, tmp: Path, args: list[str], name: str = "lb") -> None:
-        self.out_path = tmp / f"{name}.out"
-        self.err_path = tmp / f"{name}.err"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "balancer", *args],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-            )
-        self.port = 0
-        self.admin_url = ""
-        want_admin = "--admin" in args
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            out_text = self.out_path.read_text(errors="replace")
-            for line in out_text.splitlines():
-                if "listening on " in line:
-                    self.port = int(line.rsplit(":", 1)[1])
-                if "admin on " in line:
-                    self.admin_url = line.rsplit(" ", 1)[1]
-            if self.port and (self.admin_url or not want_admin):
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"balancer did not start: {self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10.0) -> bool:
-        return wait_until(lambda: text in self.stderr(), timeout)
-
-    def state(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.admin_url}/api/state", timeout=IO_TIMEOUT) as r:
-            data: dict[str, Any] = json.load(r)
-            return data
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def procs() -> Iterator[list[BalancerProc | BackendProcess]]:
-    """Everything started goes in here; killed at teardown, and no balancer may have
-    printed a traceback."""
-    started: list[BalancerProc | BackendProcess] = []
-    yield started
-    for p in reversed(started):
-        if isinstance(p, BalancerProc):
-            p.kill()
-        elif p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
-    for p in started:
-        if isinstance(p, BalancerProc):
-            assert "Traceback" not in p.stderr(), p.stderr()
 
 
 # ---------------------------------------------------------------- certificates
