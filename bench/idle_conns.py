@@ -13,28 +13,15 @@ import argparse
 import asyncio
 import json
 import resource
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.local import free_port
+from bench.stack import HOST, backend_and_balancer
 from loadtest.soak import proc_fds, proc_rss_kib
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n"
-
-
-def wait_port(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 async def open_idle(host: str, port: int, n: int, batch: int = 50) -> list[asyncio.StreamWriter]:
@@ -87,26 +74,9 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
     need = n + 200
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
-    host = "127.0.0.1"
-    bport, lport = free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "backends", "--host", host, "--port", str(bport)]
-                + ["--name", "idle"],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        wait_port(host, bport, 15)
-        lb = subprocess.Popen(
-            [sys.executable, "-m", "balancer", "--listen", f"{host}:{lport}"]
-            + ["--backend", f"{host}:{bport}", "--no-checks"]
-            + ["--timeout-idle-keepalive", str(idle_timeout)],
-            stdout=subprocess.DEVNULL,
-        )
-        procs.append(lb)
-        wait_port(host, lport, 15)
+    host = HOST
+    with backend_and_balancer(["--timeout-idle-keepalive", str(idle_timeout)]) as st:
+        lb, lport = st.balancer, st.listen_port
         time.sleep(0.5)
         rss_before = proc_rss_kib(lb.pid)
         fds_before = proc_fds(lb.pid)
@@ -132,14 +102,6 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
             }
 
         out = asyncio.run(run())
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
     per_conn = (out["rss_open_kib"] - rss_before) * 1024 / n
     return {
         "connections": n,

@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.local import free_port
+from bench.stack import HOST, backend_and_balancer
 from loadtest.report import percentile
 from loadtest.traffic import run_traffic
-
-
-def wait_port(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 async def slow_client(host: str, port: int, stop: asyncio.Event) -> str:
@@ -110,38 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.slow <= 5000 or not 0 < args.seconds <= 120:
         print("slowloris: --slow 1..5000 and --seconds (0, 120]", file=sys.stderr)
         return 2
-    host = "127.0.0.1"
-    bport, lport = free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "backends", "--host", host, "--port", str(bport)]
-                + ["--name", "b1"],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        wait_port(host, bport, 15)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "balancer", "--listen", f"{host}:{lport}"]
-                + ["--backend", f"{host}:{bport}", "--no-checks"]
-                + ["--timeout-client-header", str(args.header_timeout)],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        wait_port(host, lport, 15)
-        url = f"http://{host}:{lport}/"
-        baseline = summary(asyncio.run(run_traffic(url, args.rate, args.seconds)))
-        outcomes, slow = attack(url, host, lport, args.slow, args.rate, args.seconds)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with backend_and_balancer(["--timeout-client-header", str(args.header_timeout)]) as st:
+        baseline = summary(asyncio.run(run_traffic(st.url, args.rate, args.seconds)))
+        outcomes, slow = attack(st.url, HOST, st.listen_port, args.slow, args.rate, args.seconds)
     under = summary(outcomes)
     result = {
         "slow_connections": args.slow,
