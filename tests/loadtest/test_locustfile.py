@@ -21,12 +21,20 @@ def _https_ctx(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
-async def _locust(url: str, ca_file: Path, out: Path, cwd: Path) -> tuple[int, str]:
+async def _locust(
+    url: str,
+    ca_file: Path,
+    out: Path,
+    cwd: Path,
+    shape: dict[str, str] | None = None,
+) -> tuple[int, str]:
     argv = [sys.executable, "-m", "locust", "--headless", "-f", str(LOCUSTFILE)]
-    argv += ["-u", "2", "-r", "2", "-t", "5s", "--host", url, "--only-summary"]
-    argv += ["--backends-out", str(out)]
+    if shape is None:
+        argv += ["-u", "2", "-r", "2", "-t", "5s"]
+    argv += ["--host", url, "--only-summary", "--backends-out", str(out)]
     env = dict(os.environ, LB_CA_CERT=str(ca_file))
     env.pop("LB_SHAPE", None)
+    env.update(shape or {})
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
@@ -63,3 +71,28 @@ async def test_locust_fails_against_another_ca(serve: Any, tmp_path: Path) -> No
     assert "CERTIFICATE_VERIFY_FAILED" in output
     assert served.requests == 0  # no request got past the handshake
     assert json.loads((tmp_path / "b.json").read_text())["backends"] == {}
+
+
+async def test_step_shape_runs_its_steps_and_stops_by_itself(serve: Any, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    served = await serve(_https_ctx(ca))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    shape = {"LB_SHAPE": "step", "LB_STEP_USERS": "1", "LB_STEP_SECONDS": "1", "LB_STEPS": "3"}
+    # no -t: the shape ends the run after 3 steps of 1 s (bounded by _locust's 60 s)
+    code, output = await _locust(
+        served.url, tmp_path / "ca.pem", tmp_path / "b.json", tmp_path, shape=shape
+    )
+    assert code == 0, output[-2000:]
+    assert served.requests > 0
+
+
+async def test_unknown_shape_is_refused(serve: Any, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    served = await serve(_https_ctx(ca))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    code, output = await _locust(
+        served.url, tmp_path / "ca.pem", tmp_path / "b.json", tmp_path, shape={"LB_SHAPE": "ramp"}
+    )
+    assert code != 0
+    assert "LB_SHAPE must be one of step, spike" in output
+    assert served.requests == 0
