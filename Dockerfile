@@ -7,6 +7,8 @@
 # Only classic-builder syntax (no RUN --mount) so docker-compose 1.29 can build it too.
 ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE}
+# lets `make image` prune the dangling images its rebuilds leave behind, and nothing else
+LABEL org.lb-testbed.image="app"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -77,6 +77,7 @@ image:
 	fi; \
 	echo "base image: $$base"; \
 	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
+	docker image prune -f --filter label=org.lb-testbed.image=app >/dev/null
 
 up: image
 	$(COMPOSE) up -d --no-build --scale backend=$(BACKENDS)
