@@ -97,12 +97,6 @@ def _tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Lower-cased header names listed in Connection (they are hop-by-hop too)."""
-    values = [v for n, v in headers if n.lower() == b"connection"]
-    return _tokens(values) if values else _EMPTY
-
-
 @dataclass(slots=True)
 class RequestHead:
     """What the data path needs to know about a parsed request head."""
@@ -306,24 +300,6 @@ def upstream_request(
         parts += (b"Content-Length: ", str(req.content_length).encode(), b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
-
-
-def response_framing(
-    status: int, headers: list[tuple[bytes, bytes]], head_request: bool
-) -> tuple[Framing, int]:
-    """How a backend's response body is delimited (RFC 9112 6.3)."""
-    if head_request or status < 200 or status in (204, 304):
-        return Framing.NONE, 0
-    length = -1
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"transfer-encoding":
-            return Framing.CHUNKED, 0
-        if lname == b"content-length":
-            length = int(value.strip())
-    if length >= 0:
-        return (Framing.LENGTH, length) if length else (Framing.NONE, 0)
-    return Framing.UNTIL_CLOSE, 0
 
 
 # Connection tokens that name no header to strip.

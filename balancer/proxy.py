@@ -603,10 +603,6 @@ class ClientConnection(asyncio.Protocol):
         if t is not None and not self.closed:
             t.write(data)
 
-    def cork(self) -> None:
-        if self.corked is None:
-            self.corked = []
-
     def uncork(self) -> None:
         buf = self.corked
         self.corked = None

@@ -8,12 +8,10 @@ from balancer.http1 import (
     BadRequest,
     ForwardOptions,
     Framing,
-    connection_tokens,
     downstream_response,
     error_response,
     inspect_request,
     new_request_id,
-    response_framing,
     rewrite_response_head,
     split_head,
     upstream_request,
@@ -144,14 +142,6 @@ def test_spoofable_headers_collected_not_forwarded() -> None:
     assert req.forward == b"X-Request-Id: rid\r\nExpect: 100-Continue\r\n"
 
 
-def test_connection_tokens() -> None:
-    assert connection_tokens([(b"Connection", b"Close, X-A,,"), (b"X", b"y")]) == {
-        b"close",
-        b"x-a",
-    }
-    assert connection_tokens([]) == frozenset()
-
-
 # ---------------------------------------------------------------- upstream_request
 
 
@@ -212,18 +202,22 @@ def test_request_ids_unique() -> None:
 @pytest.mark.parametrize(
     ("status", "headers", "head", "expect"),
     [
-        (200, [(b"Content-Length", b"5")], False, (Framing.LENGTH, 5)),
-        (200, [(b"Content-Length", b"0")], False, (Framing.NONE, 0)),
-        (200, [(b"Transfer-Encoding", b"chunked")], False, (Framing.CHUNKED, 0)),
-        (200, [], False, (Framing.UNTIL_CLOSE, 0)),
-        (200, [(b"Content-Length", b"5")], True, (Framing.NONE, 0)),
-        (204, [(b"Content-Length", b"5")], False, (Framing.NONE, 0)),
-        (304, [(b"Content-Length", b"5")], False, (Framing.NONE, 0)),
-        (100, [], False, (Framing.NONE, 0)),
+        (200, [(b"Content-Length", b"5")], False, Framing.LENGTH),
+        (200, [(b"Content-Length", b"0")], False, Framing.NONE),
+        (200, [(b"Transfer-Encoding", b"chunked")], False, Framing.CHUNKED),
+        (200, [], False, Framing.UNTIL_CLOSE),
+        (200, [(b"Content-Length", b"5")], True, Framing.NONE),
+        (204, [(b"Content-Length", b"5")], False, Framing.NONE),
+        (304, [(b"Content-Length", b"5")], False, Framing.NONE),
+        (100, [], False, Framing.NONE),
     ],
 )
 def test_response_framing(status, headers, head, expect) -> None:  # type: ignore[no-untyped-def]
-    assert response_framing(status, headers, head) == expect
+    raw = b"HTTP/1.1 %d X\r\n" % status + b"".join(b"%s: %s\r\n" % h for h in headers)
+    _, framing, _ = rewrite_response_head(
+        raw, status, head, client_chunked_ok=True, keep_alive=True
+    )
+    assert framing is expect
 
 
 RAW = (
