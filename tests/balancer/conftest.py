@@ -502,3 +502,16 @@ def procs() -> Iterator[list[Any]]:
     for p in started:
         if isinstance(p, BalancerProc):
             assert "Traceback" not in p.stderr(), p.stderr()
+
+
+@pytest.fixture
+def backend(procs: list[Any]) -> Callable[..., Any]:
+    """`backend(name, **kw)`: a `python -m backends` child, killed at teardown."""
+    from backends.testing import spawn_backend_process
+
+    def start(name: str, **kw: Any) -> Any:
+        b = spawn_backend_process(name, **kw)
+        procs.append(b)
+        return b
+
+    return start

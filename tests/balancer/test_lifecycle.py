@@ -15,12 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from balancer_procs import IO_TIMEOUT, BalancerProc, wait_until
 
-from backends.testing import BackendProcess, spawn_backend_process
+from backends.testing import BackendProcess
 
 # ---------------------------------------------------------------- processes
 
@@ -85,16 +84,6 @@ class LoadLoop:
     def wait(self) -> None:
         self.thread.join(self.duration + 2 * IO_TIMEOUT)
         assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def backend(procs: list[BalancerProc | BackendProcess]) -> Callable[..., BackendProcess]:
-    def start(name: str, **kw: Any) -> BackendProcess:
-        b = spawn_backend_process(name, **kw)
-        procs.append(b)
-        return b
-
-    return start
 
 
 @pytest.fixture

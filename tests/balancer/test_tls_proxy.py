@@ -25,7 +25,7 @@ import pytest
 from balancer_procs import IO_TIMEOUT, ROOT, BalancerProc, free_port, wait_until
 from cryptography import x509
 
-from backends.testing import BackendProcess, spawn_backend_process
+from backends.testing import BackendProcess
 from ca.core import CertAuthority, init_ca
 
 # ---------------------------------------------------------------- processes
@@ -166,18 +166,6 @@ class LoadLoop:
     def wait(self) -> None:
         self.thread.join(self.duration + 2 * IO_TIMEOUT)
         assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def backend(
-    procs: list[BalancerProc | BackendProcess],
-) -> Callable[..., BackendProcess]:
-    def start(name: str, **kw: Any) -> BackendProcess:
-        b = spawn_backend_process(name, **kw)
-        procs.append(b)
-        return b
-
-    return start
 
 
 @pytest.fixture
