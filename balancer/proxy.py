@@ -526,10 +526,8 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         ex.status = status
         extra = b"Retry-After: 1\r\n" if retry_after else b""
+        # the connection stays usable only if the request was read to its end
         close = not ex.keep_alive or not ex.body_done
-        if not close:
-            # we never forwarded the body; the connection stays usable only if it was read
-            ex.keep_alive = True
         self._write(error_response(status, detail, close=close, extra=extra))
         self._log(ex, self.loop.time())
         self._end(ex)
@@ -719,9 +717,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reset_parser = False
         self.closed = False
         self.idle_since = 0.0
-        self.got_bytes = False
         self.paused_by_client = False
         self.is_tunnel = False
+        self.peer: ClientConnection | None = None  # the client, once this is a tunnel
         self.upgrade_head = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -732,7 +730,6 @@ class UpstreamConnection(asyncio.Protocol):
         """Send the exchange's request head and any buffered body."""
         self.ex = ex
         ex.upstream = self
-        self.got_bytes = False
         self.hbuf = b""
         conn = ex.conn
         ctx = self.ctx
@@ -759,22 +756,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         ex = self.ex
-        conn = ex.conn if ex is not None else self._tunnel_peer()
+        conn = ex.conn if ex is not None else self.peer
         if conn is not None:
             conn._pause()
 
     def resume_writing(self) -> None:
         ex = self.ex
-        conn = ex.conn if ex is not None else self._tunnel_peer()
+        conn = ex.conn if ex is not None else self.peer
         if conn is not None:
             conn._resume()
 
-    def _tunnel_peer(self) -> ClientConnection | None:
-        return getattr(self, "peer", None)
-
     def data_received(self, data: bytes) -> None:
         if self.is_tunnel:
-            peer = self._tunnel_peer()
+            peer = self.peer
             if peer is not None:
                 peer._write(data)
                 peer.deadline = self.ctx.now + self.ctx.timeouts.tunnel_idle
@@ -784,7 +778,6 @@ class UpstreamConnection(asyncio.Protocol):
             # a response nobody asked for: the connection is unusable
             self.close()
             return
-        self.got_bytes = True
         if self.hbuf is not None:
             self.hbuf += data
         conn = ex.conn
@@ -819,7 +812,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         self.ex = None
         if self.is_tunnel:
-            peer = self._tunnel_peer()
+            peer = self.peer
             if peer is not None:
                 peer.tunnel = None
                 peer._close()

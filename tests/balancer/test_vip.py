@@ -31,6 +31,27 @@ needs_netns = pytest.mark.skipif(
 )
 
 
+def _run_in(ns: str, code: str) -> None:
+    """Run Python code inside the namespace, as the balancer would run there."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def _addresses(ns: str, ifname: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "ip", "-4", "addr", "show", ifname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 @needs_netns
 def test_vip_add_and_remove_inside_a_namespace() -> None:
     ns = f"lbvip-{uuid.uuid4().hex[:8]}"
@@ -54,37 +75,10 @@ def test_vip_add_and_remove_inside_a_namespace() -> None:
             check=True,
         )
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "dum0", "up"], check=True)
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-        assert out.returncode == 0, out.stderr
-        addrs = subprocess.run(
-            ["ip", "netns", "exec", ns, "ip", "-4", "addr", "show", "dum0"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "10.77.0.100/24" in addrs
-        remove = code.replace("await v.add()", "await v.remove()").replace("added", "removed")
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", remove],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-        assert out.returncode == 0, out.stderr
-        addrs = subprocess.run(
-            ["ip", "netns", "exec", ns, "ip", "-4", "addr", "show", "dum0"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "10.77.0.100" not in addrs
+        _run_in(ns, code)
+        assert "10.77.0.100/24" in _addresses(ns, "dum0")
+        _run_in(ns, code.replace("await v.add()", "await v.remove()"))
+        assert "10.77.0.100" not in _addresses(ns, "dum0")
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
