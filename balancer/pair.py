@@ -233,18 +233,26 @@ class PairRole:
         interval = max(0.1, b.cfg.pair.advert_interval)
         while True:
             await asyncio.sleep(interval)
-            # eligible() first: it refreshes pool.mode, which a passive (no traffic) never does
-            eligible = len(b.pool.eligible(b.clock()))
-            healthy = eligible if b.pool.mode == "normal" else 0
-            listener_ok = not self.listen_error and (b.role != "active" or b.listening)
-            if b.role == "active" and self.vip is None and not b.listening:
-                try:
-                    await self._bind_with_retry()
-                    self.listen_error = ""
-                except OSError as exc:
-                    self.listen_error = str(exc)
-            self.driver.set_tracking(listener_ok=listener_ok, healthy_backends=healthy)
-            self._publish()
+            try:
+                await self._track_once()
+            except Exception:  # a bug here must not silently stop tracking for good
+                log.exception("pair tracking failed; trying again next interval")
+
+    async def _track_once(self) -> None:
+        """One round of tracking: listener and backends feed the effective priority."""
+        b = self.balancer
+        # eligible() first: it refreshes pool.mode, which a passive (no traffic) never does
+        eligible = len(b.pool.eligible(b.clock()))
+        healthy = eligible if b.pool.mode == "normal" else 0
+        listener_ok = not self.listen_error and (b.role != "active" or b.listening)
+        if b.role == "active" and self.vip is None and not b.listening:
+            try:
+                await self._bind_with_retry()
+                self.listen_error = ""
+            except OSError as exc:
+                self.listen_error = str(exc)
+        self.driver.set_tracking(listener_ok=listener_ok, healthy_backends=healthy)
+        self._publish()
 
     def _publish(self) -> None:
         status: dict[str, Any] = self.driver.status()

@@ -351,7 +351,10 @@ class ElectionDriver:
         self.election: Election | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # uvloop's call_at returns a plain Handle (no .when()) for a deadline already past,
+        # so the deadline is kept here
+        self._timer: asyncio.Handle | None = None
+        self._timer_due = math.inf
         self._events: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
         self._notifier: asyncio.Task[None] | None = None
         self._stopping = False
@@ -476,12 +479,13 @@ class ElectionDriver:
             return
         deadline = self.election.next_deadline()
         if self._timer is not None:
-            if self._timer.when() == deadline:
+            if self._timer_due == deadline:
                 return
             self._timer.cancel()
             self._timer = None
         if math.isfinite(deadline):
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_due = deadline
 
     def _send(self, advert: Advert) -> None:
         if self._transport is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,12 @@ INTERVAL = 0.05
 WAIT = 10.0  # an upper bound for waits, not a performance threshold
 
 
+async def wait_until(pred: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not pred():
+            await asyncio.sleep(INTERVAL / 5)
+
+
 class Node:
     def __init__(self, priority: int, secret: bytes = SECRET) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -329,6 +336,21 @@ async def pair() -> AsyncIterator[tuple[Node, Node]]:
     b.make(a)
     try:
         yield a, b
+    finally:
+        for n in (a, b):
+            if n.driver is not None:
+                await n.driver.stop(resign=False)
+            n.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def started_pair(hi: int, lo: int) -> AsyncIterator[tuple[ElectionDriver, ElectionDriver]]:
+    """Two started drivers (sync callbacks), the first active; both stopped silently after."""
+    a, b = Node(hi), Node(lo)
+    try:
+        drivers = a.make(b), b.make(a)
+        await start_pair(a, b)
+        yield drivers
     finally:
         for n in (a, b):
             if n.driver is not None:
@@ -408,20 +430,11 @@ async def test_forged_packets_do_not_disturb_the_pair(pair: tuple[Node, Node]) -
 
 
 async def test_tracking_through_the_driver_hands_over() -> None:
-    a, b = Node(150), Node(100)
-    a.make(b)
-    b.make(a)
-    assert a.driver is not None and b.driver is not None
-    try:
-        await start_pair(a, b)
-        a.driver.set_tracking(listener_ok=False)
-        assert (await a.wait_role("passive")).startswith("handover")
-        await b.wait_role("active")
-        assert a.driver.status()["effective_priority"] == 50
-    finally:
-        for n in (a, b):
-            await n.driver.stop(resign=False)  # type: ignore[union-attr]
-            n.sock.close()
+    async with started_pair(150, 100) as (a, b):
+        a.set_tracking(listener_ok=False)
+        await wait_until(lambda: a.role == "passive" and b.role == "active")
+        assert a.status()["last_transition"]["reason"].startswith("handover")
+        assert a.status()["effective_priority"] == 50
 
 
 async def test_driver_refuses_to_start_twice(pair: tuple[Node, Node]) -> None:
@@ -458,3 +471,28 @@ async def test_stop_is_bounded_when_a_role_callback_hangs(monkeypatch: pytest.Mo
     finally:
         a.sock.close()
         b.sock.close()
+
+
+def test_a_deadline_already_due_on_uvloop_does_not_stop_the_election() -> None:
+    """uvloop's call_at hands back a plain Handle (no .when()) when the deadline is less
+    than half a millisecond away or past: a timer that fires a hair early, or a starved loop.
+    A second reschedule before that handle ran once raised AttributeError, which silently
+    stopped the pair's tracking task and the adverts (the peer then took over)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with started_pair(150, 100) as (a, b):
+            election = a.election
+            assert election is not None
+            real = election.next_deadline
+            election.next_deadline = asyncio.get_running_loop().time  # type: ignore[method-assign]
+            a.set_tracking(healthy_backends=1)  # due now: uvloop gives a Handle
+            a.set_tracking(healthy_backends=1)  # a second reschedule, same turn
+            election.next_deadline = real  # type: ignore[method-assign]
+            sent = a.codec.counters["sent"]
+            await asyncio.sleep(INTERVAL * 5)
+            assert a.codec.counters["sent"] >= sent + 3  # adverts keep going
+            assert a.role == "active" and b.role == "passive"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
