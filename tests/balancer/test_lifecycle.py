@@ -11,6 +11,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -288,3 +290,20 @@ def test_reload_says_which_changes_need_a_restart(
     reloads = [e for e in lb.state()["events"] if e["kind"] == "reload"]
     assert reloads and reloads[0]["detail"].endswith("restart needed for: listen, health")
     assert plain_get(lb.port, "/") == (200, "a")  # still on the port it was bound to
+
+
+def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:
+    # in a child interpreter: freezing this test process's heap would leak into other tests
+    code = (
+        "import gc, balancer.__main__ as m\n"
+        "before = gc.get_threshold()\n"
+        "m.tune_gc()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold()[0] == m.GC_GEN0_THRESHOLD > before[0]\n"
+        "assert gc.get_threshold()[1:] == before[1:] and gc.isenabled()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
