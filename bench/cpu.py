@@ -90,3 +90,34 @@ def _read_all_stats(proc: str = "/proc") -> list[ProcStat]:
 def read_tree_ticks(pid: int) -> int:
     """Current CPU ticks of pid and its descendants, read from /proc."""
     return tree_ticks(pid, _read_all_stats())
+
+
+@dataclass(frozen=True)
+class SystemTicks:
+    """The machine-wide `cpu` line of /proc/stat: all CPUs, in clock ticks."""
+
+    steal: int
+    total: int
+
+
+def parse_system_ticks(text: str) -> SystemTicks:
+    """From /proc/stat: steal is the time the hypervisor ran someone else on our vCPUs."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:9]]  # user..steal; guest time is inside user
+            if len(values) < 8:
+                raise ValueError("/proc/stat cpu line has no steal field")
+            return SystemTicks(steal=values[7], total=sum(values))
+    raise ValueError("/proc/stat has no cpu line")
+
+
+def steal_percent(before: SystemTicks, after: SystemTicks) -> float:
+    """Share of all CPU time over the window that the host took (0 on bare metal)."""
+    total = after.total - before.total
+    return 0.0 if total <= 0 else 100.0 * (after.steal - before.steal) / total
+
+
+def read_system_ticks(path: str = "/proc/stat") -> SystemTicks:
+    with open(path, encoding="utf-8") as f:
+        return parse_system_ticks(f.read())

@@ -20,6 +20,9 @@ class Row:
     status: str = "ok"  # "ok" or "error"
     reason: str | None = None
     cpu_samples: tuple[float, ...] = ()  # per round, when the row is a median of rounds
+    # % of the machine's CPU time the hypervisor gave to other guests during the window;
+    # a proxy measured while it was high was measured on a slower machine
+    steal_pct: float | None = None
 
     @classmethod
     def failed(cls, proxy: str, mode: str, reason: str) -> Row:
@@ -64,6 +67,7 @@ def median_rows(samples: Sequence[Row]) -> list[Row]:
                 errors=sum(r.errors or 0 for r in rows),
                 requests=sum(r.requests or 0 for r in ok),
                 cpu_samples=tuple(r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None),
+                steal_pct=med("steal_pct"),
             )
         )
     return out
@@ -98,6 +102,25 @@ def _short(reason: str | None, limit: int = 110) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+STEAL_WARN_PCT = 5.0
+
+
+def describe_sample(r: Row) -> str:
+    """One round, for the progress log."""
+    if r.status != "ok":
+        return f"error: {_short(r.reason)}"
+    steal = "-" if r.steal_pct is None else f"{r.steal_pct:.1f}%"
+    return f"{_fmt(r.rps, '.0f')} req/s, {_fmt(r.cpu_us_per_req, '.1f')} us/req, steal {steal}"
+
+
+def _note(r: Row) -> str:
+    if r.status != "ok":
+        return f"ERROR: {_short(r.reason)}"
+    if r.steal_pct is not None and r.steal_pct >= STEAL_WARN_PCT:
+        return f"host stole {r.steal_pct:.0f}% of CPU time: a noisy measurement"
+    return ""
+
+
 def format_table(rows: Sequence[Row]) -> str:
     header = ("proxy", "mode", "rps", "cpu_us/req", "p50_ms", "p99_ms", "errors", "note")
     lines = [
@@ -109,7 +132,7 @@ def format_table(rows: Sequence[Row]) -> str:
             _fmt(r.p50_ms, ".3f"),
             _fmt(r.p99_ms, ".3f"),
             _fmt(r.errors, "d"),
-            "" if r.status == "ok" else f"ERROR: {_short(r.reason)}",
+            _note(r),
         )
         for r in rows
     ]

@@ -359,8 +359,10 @@ def bench_one(
         if args.warmup:
             run_load(url, args.warmup, args, mode, pins, tls)
         before = cpu.read_tree_ticks(child.pid)
+        system_before = cpu.read_system_ticks()
         result = run_load(url, args.duration, args, mode, pins, tls)
         after = cpu.read_tree_ticks(child.pid)
+        steal = cpu.steal_percent(system_before, cpu.read_system_ticks())
         if child.exited() is not None:
             return report.Row.failed(proxy, mode.name, child.failure())
         per_req = (
@@ -377,6 +379,7 @@ def bench_one(
             p99_ms=round(result.p99_ms, 3),
             errors=result.errors,
             requests=result.requests,
+            steal_pct=round(steal, 2),
         )
     except (BenchError, wrk.WrkParseError, ProcessLookupError, ValueError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
@@ -449,7 +452,11 @@ def run(args: argparse.Namespace) -> int:
                                 pins,
                             )
                         )
-                        print(f"   done in {time.monotonic() - started:.1f}s", file=sys.stderr)
+                        print(
+                            f"   done in {time.monotonic() - started:.1f}s: "
+                            f"{report.describe_sample(samples[-1])}",
+                            file=sys.stderr,
+                        )
                         if nginx.exited() is not None:
                             raise BenchError(f"backend died: {nginx.failure()}")
         finally:

@@ -193,6 +193,7 @@ def test_build_document_shape() -> None:
         "status",
         "reason",
         "cpu_samples",
+        "steal_pct",
     }
     assert doc["rows"][2]["status"] == "error"
 
@@ -297,3 +298,42 @@ def test_median_rows_reports_an_error_when_every_round_failed() -> None:
         [Row.failed("balancer", "https", "no cert"), Row.failed("balancer", "https", "no cert")]
     )
     assert len(rows) == 1 and rows[0].status == "error" and rows[0].reason == "no cert"
+
+
+PROC_STAT = """cpu  4705 150 1120 16250 520 0 25 900 0 0
+cpu0 2350 75 560 8125 260 0 12 450 0 0
+intr 1 2 3
+"""
+
+
+def test_system_ticks_and_steal_share() -> None:
+    from bench import cpu
+
+    before = cpu.parse_system_ticks(PROC_STAT)
+    assert before == cpu.SystemTicks(steal=900, total=4705 + 150 + 1120 + 16250 + 520 + 25 + 900)
+    after = cpu.SystemTicks(steal=before.steal + 50, total=before.total + 1000)
+    assert cpu.steal_percent(before, after) == 5.0
+    assert cpu.steal_percent(after, after) == 0.0  # an empty window is no steal, not a crash
+    with pytest.raises(ValueError, match="no cpu line"):
+        cpu.parse_system_ticks("intr 1 2 3\n")
+    with pytest.raises(ValueError, match="no steal"):
+        cpu.parse_system_ticks("cpu  1 2 3 4\n")
+    assert cpu.read_system_ticks().total > 0  # this machine's /proc/stat parses
+
+
+def test_rounds_under_host_contention_are_flagged() -> None:
+    from bench.report import Row, describe_sample, format_table, median_rows
+
+    samples = [
+        Row("balancer", "http", rps=100, cpu_us_per_req=50.0, errors=0, requests=10, steal_pct=1),
+        Row("balancer", "http", rps=90, cpu_us_per_req=60.0, errors=0, requests=9, steal_pct=19),
+        Row("balancer", "http", rps=95, cpu_us_per_req=55.0, errors=0, requests=9, steal_pct=9),
+        Row("haproxy", "http", rps=300, cpu_us_per_req=25.0, errors=0, requests=30, steal_pct=0.5),
+    ]
+    rows = {r.proxy: r for r in median_rows(samples)}
+    assert rows["balancer"].steal_pct == 9 and rows["haproxy"].steal_pct == 0.5
+    table = format_table(list(rows.values()))
+    balancer_line, haproxy_line = table.splitlines()[1:]
+    assert "host stole 9% of CPU time" in balancer_line
+    assert "stole" not in haproxy_line
+    assert describe_sample(samples[1]) == "90 req/s, 60.0 us/req, steal 19.0%"
