@@ -329,6 +329,14 @@ class Node:
                     return reason
 
 
+async def stop_silently(*nodes: Node) -> None:
+    """Stop each node's driver without resigning, as a killed process would, and close."""
+    for n in nodes:
+        if n.driver is not None:
+            await n.driver.stop(resign=False)
+        n.sock.close()
+
+
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[Node, Node]]:
     a, b = Node(200), Node(100)
@@ -337,10 +345,7 @@ async def pair() -> AsyncIterator[tuple[Node, Node]]:
     try:
         yield a, b
     finally:
-        for n in (a, b):
-            if n.driver is not None:
-                await n.driver.stop(resign=False)
-            n.sock.close()
+        await stop_silently(a, b)
 
 
 @contextlib.asynccontextmanager
@@ -352,10 +357,7 @@ async def started_pair(hi: int, lo: int) -> AsyncIterator[tuple[ElectionDriver, 
         await start_pair(a, b)
         yield drivers
     finally:
-        for n in (a, b):
-            if n.driver is not None:
-                await n.driver.stop(resign=False)
-            n.sock.close()
+        await stop_silently(a, b)
 
 
 async def start_pair(a: Node, b: Node) -> None:
