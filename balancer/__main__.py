@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .config import Config, ConfigError, from_args
+from balancer.config import Config, ConfigError, from_args
 
 GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
@@ -23,8 +23,8 @@ def _install_uvloop() -> str:
 
 
 async def _serve(cfg: Config, argv: list[str]) -> int:
-    from .server import Balancer
-    from .tls import TLSConfigError
+    from balancer.app import Balancer
+    from balancer.tls.store import TLSConfigError
 
     try:
         balancer = Balancer(cfg)  # loads the TLS files: a bad one is a user error

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from backends.app import make_app
+from balancer.app import Balancer
 from balancer.config import BackendSpec, Config, HealthSettings, Timeouts
-from balancer.server import Balancer
 
 IO_TIMEOUT = 10.0  # upper bound on every single socket wait; tests never sleep this long
 

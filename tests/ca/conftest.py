@@ -14,7 +14,7 @@ from typing import TypeAlias
 
 import pytest
 
-from balancer.tls import HANDSHAKE_TIMEOUT_S, CertStore, tls_facts
+from balancer.tls.store import HANDSHAKE_TIMEOUT_S, CertStore, tls_facts
 
 REPO = Path(__file__).resolve().parents[2]
 IO_TIMEOUT = 10.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from balancer.tls import CertStore
+from balancer.tls.store import CertStore
 from ca.core import CertAuthority
 
 CURL = shutil.which("curl")

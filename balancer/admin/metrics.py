@@ -1,0 +1,177 @@
+"""Prometheus exposition for one balancer, read from its plain-int counters at scrape time.
+
+The data path only bumps ints on Backend/ProxyStats; this collector turns them
+into metric families when /metrics is scraped, so requests never touch
+prometheus_client objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from balancer.lb.cluster import LATENCY_BUCKETS, Backend
+from balancer.lb.health import STATES
+
+ROLES = ("standalone", "active", "passive")
+MODES = ("normal", "backup", "panic", "none")
+
+
+class _PoolLike(Protocol):
+    backends: dict[str, Backend]
+    mode: str
+
+    def state_of(self, backend: Backend) -> str: ...
+
+
+class _BalancerLike(Protocol):
+    """The parts of server.Balancer the collector reads."""
+
+    cluster: Any
+    ctx: Any
+    role: str
+    role_detail: dict[str, Any]
+    started_at: float
+
+
+def histogram_buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Per-bucket counts (last one = above every bound) -> cumulative (le, count) pairs."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        running += n
+        out.append((repr(float(bound)), float(running)))
+    out.append(("+Inf", float(sum(counts))))
+    return out
+
+
+class BalancerCollector(Collector):
+    """Yields every `lb_*` family from one balancer's live counters."""
+
+    def __init__(self, balancer: _BalancerLike) -> None:
+        self.balancer = balancer
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._backend_metrics()
+        yield from self._overall_metrics()
+
+    def _backend_metrics(self) -> Iterator[Metric]:
+        cluster: _PoolLike = self.balancer.cluster
+        requests = CounterMetricFamily(
+            "lb_backend_requests", "Requests sent to the backend", labels=["backend"]
+        )
+        responses = CounterMetricFamily(
+            "lb_backend_responses",
+            "Responses from the backend by status class",
+            labels=["backend", "class"],
+        )
+        in_flight = GaugeMetricFamily(
+            "lb_backend_in_flight", "Requests currently at the backend", labels=["backend"]
+        )
+        duration = HistogramMetricFamily(
+            "lb_backend_request_duration_seconds",
+            "Time from request sent to response head, per backend",
+            labels=["backend"],
+        )
+        up = GaugeMetricFamily(
+            "lb_backend_up", "1 if the backend takes new requests (state up)", labels=["backend"]
+        )
+        state = GaugeMetricFamily(
+            "lb_backend_state", "1 for the backend's current state", labels=["backend", "state"]
+        )
+        ejections = CounterMetricFamily(
+            "lb_backend_ejections", "Outlier ejections of the backend", labels=["backend"]
+        )
+        retries = CounterMetricFamily(
+            "lb_backend_retries", "Requests retried after failing here", labels=["backend"]
+        )
+        errors = CounterMetricFamily(
+            "lb_backend_errors", "Failed attempts by kind", labels=["backend", "kind"]
+        )
+        check = GaugeMetricFamily(
+            "lb_backend_check_duration_seconds",
+            "Duration of the last active check",
+            labels=["backend"],
+        )
+        weight = GaugeMetricFamily(
+            "lb_backend_weight", "Configured weight of the backend", labels=["backend"]
+        )
+        for bid, b in list(cluster.backends.items()):
+            requests.add_metric([bid], b.requests)
+            for i, n in enumerate(b.responses):
+                if i:
+                    responses.add_metric([bid, f"{i}xx"], n)
+            in_flight.add_metric([bid], b.in_flight)
+            duration.add_metric(
+                [bid],
+                buckets=histogram_buckets(list(b.latency), LATENCY_BUCKETS),
+                sum_value=b.latency_sum,
+            )
+            current = cluster.state_of(b)
+            up.add_metric([bid], 1.0 if current == "up" else 0.0)
+            for s in STATES:
+                state.add_metric([bid, s], 1.0 if s == current else 0.0)
+            ejections.add_metric([bid], b.ejections)
+            retries.add_metric([bid], b.retries)
+            errors.add_metric([bid, "connect"], b.errors_connect)
+            errors.add_metric([bid, "response"], b.errors_response)
+            check.add_metric([bid], b.check_duration)
+            weight.add_metric([bid], b.configured_weight)
+        yield from (requests, responses, in_flight, duration, up, state)
+        yield from (ejections, retries, errors, check, weight)
+
+    def _overall_metrics(self) -> Iterator[Metric]:
+        bal = self.balancer
+        stats = bal.ctx.stats
+        for name, doc, value in (
+            ("lb_connections", "Client connections accepted", stats.connections_total),
+            ("lb_tls_handshakes", "Completed client TLS handshakes", stats.tls_handshakes),
+            ("lb_requests", "Client requests received", stats.requests_total),
+            ("lb_bad_requests", "Malformed client requests", stats.bad_requests),
+            ("lb_overload_rejections", "Requests/connections refused", stats.overload_rejections),
+            ("lb_timeouts", "Client or backend timeouts", stats.timeouts),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "lb_connections_open", "Client connections open now", value=stats.connections_open
+        )
+        role = GaugeMetricFamily("lb_role", "1 for this balancer's current role", labels=["role"])
+        roles = ROLES if bal.role in ROLES else (*ROLES, bal.role)
+        for r in roles:
+            role.add_metric([r], 1.0 if r == bal.role else 0.0)
+        yield role
+        yield CounterMetricFamily(
+            "lb_role_transitions",
+            "Role changes of this balancer",
+            value=int(bal.role_detail.get("transitions", 0) or 0),
+        )
+        mode = GaugeMetricFamily(
+            "lb_pool_mode", "1 for the cluster's current mode", labels=["mode"]
+        )
+        for m in MODES:
+            mode.add_metric([m], 1.0 if m == bal.cluster.mode else 0.0)
+        yield mode
+        yield GaugeMetricFamily(
+            "lb_start_time_seconds", "Unix time the balancer started", value=bal.started_at
+        )
+
+
+def make_registry(balancer: _BalancerLike) -> CollectorRegistry:
+    """A registry of its own per balancer: tests run several in one process."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BalancerCollector(balancer))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    data: bytes = generate_latest(registry)
+    return data

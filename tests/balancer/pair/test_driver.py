@@ -1,0 +1,500 @@
+"""Advert codec (HMAC, replay, garbage) and the asyncio UDP driver over real loopback UDP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer.pair.driver import (
+    MAC_LEN,
+    AdvertCodec,
+    ElectionDriver,
+    Envelope,
+    decode,
+    encode,
+    load_secret,
+    parse_hostport,
+    validate_pair_config,
+)
+from balancer.pair.election import Advert, ElectionConfig
+
+SECRET = b"correct horse battery staple"
+WALL = 1_700_000_000.0
+ADV = Advert(node="10.0.0.1", priority=150, interval=0.2, role="active", healthy_backends=3)
+
+
+class FakeWall:
+    def __init__(self, t: float = WALL) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def drops(codec: AdvertCodec) -> dict[str, int]:
+    return {k: v for k, v in codec.counters.items() if k not in ("sent", "received", "accepted")}
+
+
+def resign_mac(body: bytes) -> bytes:
+    return body + hmac.digest(SECRET, body, hashlib.sha256)
+
+
+# ----- codec ----------------------------------------------------------------------------------
+
+
+def test_encode_decode_round_trip() -> None:
+    env = Envelope(ADV, seq=7, boot_id=2**64 - 1, timestamp_ms=int(WALL * 1000))
+    data = encode(env, SECRET)
+    assert len(data) == 71 + len("10.0.0.1")
+    assert decode(data, SECRET) == env
+
+
+@pytest.mark.parametrize(
+    "advert",
+    [
+        Advert("127.0.0.1:40000", 0, 0.05, "passive", 0),
+        Advert("[::1]:5405", 254, 65.535, "active", 2**32 - 1),
+        Advert("bälancer-ü", 1, 0.001, "passive", 12),
+    ],
+)
+def test_codec_round_trip_between_two_nodes(advert: Advert) -> None:
+    sender = AdvertCodec(SECRET, wall_clock=FakeWall())
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    assert receiver.unpack(sender.pack(advert)) == advert
+    assert receiver.counters["accepted"] == 1 and sender.counters["sent"] == 1
+
+
+def test_wrong_secret_is_dropped_and_counted() -> None:
+    sender = AdvertCodec(b"another secret", wall_clock=FakeWall())
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    assert receiver.unpack(sender.pack(ADV)) is None
+    assert receiver.counters["bad_mac"] == 1 and receiver.counters["accepted"] == 0
+
+
+def test_every_flipped_bit_is_dropped() -> None:
+    sender = AdvertCodec(SECRET, boot_id=1, wall_clock=FakeWall())
+    packet = sender.pack(ADV)
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    for i in range(len(packet) * 8):
+        forged = bytearray(packet)
+        forged[i // 8] ^= 1 << (i % 8)
+        assert receiver.unpack(bytes(forged)) is None
+    assert receiver.counters["accepted"] == 0
+    # Magic (32 bits), version (8) and node length (8) fail before the MAC is even checked.
+    assert receiver.counters["bad_magic"] == 32 and receiver.counters["bad_version"] == 8
+    assert receiver.counters["truncated"] == 8
+    assert receiver.counters["bad_mac"] == len(packet) * 8 - 48
+    assert sum(drops(receiver).values()) == len(packet) * 8
+    assert receiver.unpack(packet) == ADV  # the genuine one still gets through
+
+
+def test_replay_of_same_and_lower_seq_is_dropped() -> None:
+    sender = AdvertCodec(SECRET, boot_id=1, wall_clock=FakeWall())
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    p1, p2, p3 = sender.pack(ADV), sender.pack(ADV), sender.pack(ADV)
+    assert receiver.unpack(p2) == ADV
+    assert receiver.unpack(p2) is None  # same seq
+    assert receiver.unpack(p1) is None  # lower seq
+    assert receiver.unpack(p3) == ADV
+    assert receiver.counters["replay"] == 2 and receiver.counters["accepted"] == 2
+
+
+def test_new_boot_id_is_accepted_and_the_old_one_retired() -> None:
+    wall = FakeWall()
+    old = AdvertCodec(SECRET, boot_id=111, wall_clock=wall)
+    receiver = AdvertCodec(SECRET, wall_clock=wall)
+    for _ in range(5):
+        assert receiver.unpack(old.pack(ADV)) == ADV
+    late_old = old.pack(ADV)
+    wall.t += 10
+    restarted = AdvertCodec(SECRET, boot_id=222, wall_clock=wall)  # seq starts again at 1
+    assert receiver.unpack(restarted.pack(ADV)) == ADV
+    assert receiver.unpack(late_old) is None  # a replay from the previous life
+    assert receiver.counters["replay"] == 1
+    assert receiver.unpack(restarted.pack(ADV)) == ADV
+
+
+@pytest.mark.parametrize(("skew", "accepted"), [(29.0, True), (-29.0, True), (31.0, False)])
+def test_new_boot_id_needs_a_timestamp_within_the_window(skew: float, accepted: bool) -> None:
+    sender = AdvertCodec(SECRET, boot_id=5, wall_clock=FakeWall(WALL + skew))
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    assert (receiver.unpack(sender.pack(ADV)) == ADV) is accepted
+    assert receiver.counters["stale"] == (0 if accepted else 1)
+
+
+def test_truncated_packets_are_dropped() -> None:
+    packet = AdvertCodec(SECRET, wall_clock=FakeWall()).pack(ADV)
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    for n in range(len(packet)):
+        assert receiver.unpack(packet[:n]) is None
+    assert receiver.unpack(packet + b"x") is None
+    assert receiver.counters["truncated"] == len(packet) + 1
+    assert receiver.counters["accepted"] == 0
+
+
+def test_wrong_version_and_bad_fields_are_dropped_even_with_a_valid_mac() -> None:
+    packet = AdvertCodec(SECRET, wall_clock=FakeWall()).pack(ADV)
+    body = bytearray(packet[:-MAC_LEN])
+    v2 = bytearray(body)
+    v2[4] = 2
+    bad_role = bytearray(body)
+    bad_role[5] = 9
+    bad_prio = bytearray(body)
+    bad_prio[6] = 255
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    for forged in (v2, bad_role, bad_prio):
+        assert receiver.unpack(resign_mac(bytes(forged))) is None
+    bad_utf8 = bytes(body[:-1]) + b"\xff"
+    assert receiver.unpack(resign_mac(bad_utf8)) is None
+    assert receiver.counters["bad_version"] == 1
+    assert receiver.counters["malformed"] == 3
+
+
+def test_garbage_is_dropped_and_counted() -> None:
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    samples = [b"", b"\x00", b"LBEL", b"GET / HTTP/1.1\r\n\r\n" * 10, bytes(200), b"\xff" * 67]
+    for data in samples:
+        assert receiver.unpack(data) is None
+    assert receiver.counters["received"] == len(samples)
+    assert receiver.counters["accepted"] == 0
+    assert receiver.counters["truncated"] + receiver.counters["bad_magic"] == len(samples)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=400) | st.binary(min_size=4, max_size=300).map(lambda b: b"LBEL\x01" + b))
+def test_fuzzed_packets_never_raise(data: bytes) -> None:
+    receiver = AdvertCodec(SECRET, wall_clock=FakeWall())
+    assert receiver.unpack(data) is None
+    assert sum(drops(receiver).values()) == 1
+
+
+def test_codec_refuses_empty_secret() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        AdvertCodec(b"")
+
+
+def test_seq_and_boot_id_are_in_the_packet() -> None:
+    codec = AdvertCodec(SECRET, boot_id=0xABCDEF, wall_clock=FakeWall())
+    codec.pack(ADV)
+    env = decode(codec.pack(ADV), SECRET)
+    assert (env.seq, env.boot_id, env.timestamp_ms) == (2, 0xABCDEF, int(WALL * 1000))
+    header = struct.unpack_from("!4sB", encode(env, SECRET))
+    assert header == (b"LBEL", 1)
+
+
+# ----- configuration --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cret\n")
+    return path
+
+
+def test_load_secret(tmp_path: Path, secret_file: Path) -> None:
+    assert load_secret(secret_file) == b"s3cret"
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(ValueError, match=r"^secret file .*empty is empty$"):
+        load_secret(empty)
+    with pytest.raises(ValueError, match=r"^secret file .*nope not found$"):
+        load_secret(tmp_path / "nope")
+
+
+def test_validate_pair_config_accepts_a_good_pair(secret_file: Path) -> None:
+    pair = validate_pair_config(
+        priority=150,
+        advert_interval=0.2,
+        secret_file=secret_file,
+        bind="0.0.0.0:5405",
+        peer="172.20.0.12:5405",
+        node="172.20.0.11",
+    )
+    assert pair.bind == ("0.0.0.0", 5405) and pair.peer == ("172.20.0.12", 5405)
+    assert pair.secret == b"s3cret"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"priority": 0}, "priority 0 out of range 1-254"),
+        ({"priority": 255}, "priority 255 out of range 1-254"),
+        ({"advert_interval": 0}, "advert interval must be > 0 s, got 0"),
+        ({"advert_interval": -1.0}, "advert interval must be > 0 s, got -1.0"),
+        ({"secret_file": None}, "secret file is required"),
+        ({"secret_file": "/nonexistent/secret"}, "secret file /nonexistent/secret not found"),
+        ({"peer": "127.0.0.1:5405"}, "peer 127.0.0.1:5405 is this node itself"),
+        ({"peer": "172.20.0.11:5405"}, "peer 172.20.0.11:5405 is this node itself"),
+        ({"peer": "nonsense"}, "invalid address 'nonsense': expected HOST:PORT"),
+        ({"bind": "127.0.0.1:99999"}, "invalid address '127.0.0.1:99999': expected HOST:PORT"),
+    ],
+)
+def test_validate_pair_config_errors(
+    secret_file: Path, overrides: dict[str, object], message: str
+) -> None:
+    kwargs: dict[str, object] = {
+        "priority": 100,
+        "advert_interval": 0.2,
+        "secret_file": secret_file,
+        "bind": "127.0.0.1:5405",
+        "peer": "127.0.0.2:5405",
+        "node": "172.20.0.11",
+    }
+    kwargs.update(overrides)
+    with pytest.raises(ValueError) as info:
+        validate_pair_config(**kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+
+
+def test_validate_pair_config_empty_secret(tmp_path: Path) -> None:
+    empty = tmp_path / "secret"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        validate_pair_config(
+            priority=100, advert_interval=0.2, secret_file=empty, bind="a:1", peer="b:1"
+        )
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("[::1]:5405") == ("::1", 5405)
+    assert parse_hostport("lb-a:1") == ("lb-a", 1)
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        parse_hostport(":5405")
+
+
+# ----- driver over real UDP -------------------------------------------------------------------
+
+INTERVAL = 0.05
+WAIT = 10.0  # an upper bound for waits, not a performance threshold
+
+
+async def wait_until(pred: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not pred():
+            await asyncio.sleep(INTERVAL / 5)
+
+
+class Node:
+    def __init__(self, priority: int, secret: bytes = SECRET) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.addr: tuple[str, int] = self.sock.getsockname()
+        self.name = f"127.0.0.1:{self.addr[1]}"
+        self.priority = priority
+        self.secret = secret
+        self.events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.driver: ElectionDriver | None = None
+
+    def make(self, peer: Node, *, async_callback: bool = False) -> ElectionDriver:
+        async def on_change_async(role: str, reason: str) -> None:
+            await asyncio.sleep(0)
+            self.events.put_nowait((role, reason))
+
+        def on_change(role: str, reason: str) -> None:
+            self.events.put_nowait((role, reason))
+
+        self.driver = ElectionDriver(
+            ElectionConfig(self.name, self.priority, advert_interval=INTERVAL),
+            bind=self.sock,
+            peer=peer.addr,
+            secret=self.secret,
+            on_role_change=on_change_async if async_callback else on_change,
+        )
+        return self.driver
+
+    def drain(self) -> None:
+        """Forget past callbacks, so a wait sees only what happens next."""
+        while not self.events.empty():
+            self.events.get_nowait()
+
+    async def wait_role(self, role: str) -> str:
+        """Wait for the next callback announcing ``role``; returns its reason."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                got, reason = await self.events.get()
+                if got == role:
+                    return reason
+
+
+async def stop_silently(*nodes: Node) -> None:
+    """Stop each node's driver without resigning, as a killed process would, and close."""
+    for n in nodes:
+        if n.driver is not None:
+            await n.driver.stop(resign=False)
+        n.sock.close()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node]]:
+    a, b = Node(200), Node(100)
+    a.make(b, async_callback=True)
+    b.make(a)
+    try:
+        yield a, b
+    finally:
+        await stop_silently(a, b)
+
+
+@contextlib.asynccontextmanager
+async def started_pair(hi: int, lo: int) -> AsyncIterator[tuple[ElectionDriver, ElectionDriver]]:
+    """Two started drivers (sync callbacks), the first active; both stopped silently after."""
+    a, b = Node(hi), Node(lo)
+    try:
+        drivers = a.make(b), b.make(a)
+        await start_pair(a, b)
+        yield drivers
+    finally:
+        await stop_silently(a, b)
+
+
+async def start_pair(a: Node, b: Node) -> None:
+    assert a.driver is not None and b.driver is not None
+    await a.driver.start()
+    await b.driver.start()
+    await a.wait_role("active")
+    assert b.driver.role == "passive"
+
+
+async def test_driver_pair_elects_the_higher_priority(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    await start_pair(a, b)
+    assert a.driver is not None and b.driver is not None
+    assert (await b.wait_role("passive")) == "startup"
+    # Let a few adverts flow, then check both sides see each other.
+    async with asyncio.timeout(WAIT):
+        while b.driver.codec.counters["accepted"] < 5 or a.driver.codec.counters["accepted"] < 5:
+            await asyncio.sleep(INTERVAL)
+    assert a.driver.role == "active" and b.driver.role == "passive"
+    status = b.driver.status()
+    assert status["peer"]["node"] == a.name and status["peer"]["role"] == "active"
+    assert status["counters"]["bad_mac"] == 0 and status["counters"]["replay"] == 0
+    assert a.driver.local_address == a.addr
+    last = a.driver.status()["last_transition"]
+    assert (last["from"], last["to"]) == ("passive", "active")
+    assert abs(last["at_unix"] - time.time()) < 3600  # a wall-clock time, not loop time
+
+
+async def test_resign_on_stop_hands_over_at_once(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    await start_pair(a, b)
+    assert a.driver is not None and b.driver is not None
+    b.drain()
+    assert b.driver.role == "passive"
+    await asyncio.gather(a.driver.stop(resign=True), a.driver.stop(resign=True))  # idempotent
+    assert (await a.wait_role("passive")) == "resigned"
+    assert a.driver.codec.counters["sent"] >= 3  # the resign copies
+    # "peer resigned" (not "master down") shows it was the priority-0 advert, not the timer.
+    assert (await b.wait_role("active")) == "peer resigned"
+    assert b.driver.status()["role"] == "active"
+
+
+async def test_silent_death_fails_over_after_master_down(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    await start_pair(a, b)
+    assert a.driver is not None and b.driver is not None
+    loop = asyncio.get_running_loop()
+    b.drain()
+    assert b.driver.role == "passive"
+    killed_at = loop.time()
+    await a.driver.stop(resign=False)  # like SIGKILL: no goodbye
+    reason = await b.wait_role("active")
+    assert reason.startswith("master down")
+    assert loop.time() - killed_at >= 3 * INTERVAL  # it did wait for the timer
+
+
+async def test_forged_packets_do_not_disturb_the_pair(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    await start_pair(a, b)
+    assert a.driver is not None and b.driver is not None
+    forger = AdvertCodec(b"wrong secret")
+    evil = forger.pack(Advert(a.name, 0, INTERVAL, "passive"))  # a fake resign
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for payload in (evil, b"garbage" * 20, evil[:20]):
+            s.sendto(payload, b.addr)
+    async with asyncio.timeout(WAIT):
+        while b.driver.codec.counters["bad_mac"] < 1 or b.driver.codec.counters["truncated"] < 1:
+            await asyncio.sleep(INTERVAL / 5)
+    assert b.driver.codec.counters["bad_magic"] == 1
+    assert b.driver.role == "passive" and a.driver.role == "active"
+
+
+async def test_tracking_through_the_driver_hands_over() -> None:
+    async with started_pair(150, 100) as (a, b):
+        a.set_tracking(listener_ok=False)
+        await wait_until(lambda: a.role == "passive" and b.role == "active")
+        assert a.status()["last_transition"]["reason"].startswith("handover")
+        assert a.status()["effective_priority"] == 50
+
+
+async def test_driver_refuses_to_start_twice(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    assert a.driver is not None
+    await a.driver.start()
+    with pytest.raises(RuntimeError, match="already started"):
+        await a.driver.start()
+
+
+async def test_stop_is_bounded_when_a_role_callback_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("balancer.pair.driver.CALLBACK_DRAIN_TIMEOUT", 0.05)
+    calls: list[str] = []
+    never = asyncio.Event()
+
+    async def stuck(role: str, reason: str) -> None:
+        calls.append(role)
+        await never.wait()
+
+    a, b = Node(200), Node(100)
+    driver = ElectionDriver(
+        ElectionConfig(a.name, 200, advert_interval=INTERVAL),
+        bind=a.sock,
+        peer=b.addr,
+        secret=SECRET,
+        on_role_change=stuck,
+    )
+    try:
+        await driver.start()
+        async with asyncio.timeout(WAIT):
+            await driver.stop(resign=True)
+        assert calls == ["passive"]  # stuck in the first call; stop() still returned
+        assert driver.role == "passive" and driver.status()["resigned"] is True
+    finally:
+        a.sock.close()
+        b.sock.close()
+
+
+def test_a_deadline_already_due_on_uvloop_does_not_stop_the_election() -> None:
+    """uvloop's call_at hands back a plain Handle (no .when()) when the deadline is less
+    than half a millisecond away or past: a timer that fires a hair early, or a starved loop.
+    A second reschedule before that handle ran once raised AttributeError, which silently
+    stopped the pair's tracking task and the adverts (the peer then took over)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with started_pair(150, 100) as (a, b):
+            election = a.election
+            assert election is not None
+            real = election.next_deadline
+            election.next_deadline = asyncio.get_running_loop().time  # type: ignore[method-assign]
+            a.set_tracking(healthy_backends=1)  # due now: uvloop gives a Handle
+            a.set_tracking(healthy_backends=1)  # a second reschedule, same turn
+            election.next_deadline = real  # type: ignore[method-assign]
+            sent = a.codec.counters["sent"]
+            await asyncio.sleep(INTERVAL * 5)
+            assert a.codec.counters["sent"] >= sent + 3  # adverts keep going
+            assert a.role == "active" and b.role == "passive"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
