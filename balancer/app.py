@@ -11,17 +11,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from balancer.config import BackendSpec, Config, split_hostport
+from balancer.http1.client import rescue_in_flight
+from balancer.http1.exchange import ListenerContext
+from balancer.http1.output import Batch
+from balancer.http1.pool import ConnectionPool
+from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
-from balancer.io.proxy import (
-    ClientConnection,
-    ProxyContext,
-    Sweeper,
-    access_log_sink,
-    rescue_in_flight,
-)
+from balancer.io.client import ClientProtocol
+from balancer.io.listener import RedirectProtocol, access_log_sink
+from balancer.io.sweeper import Sweeper
 from balancer.lb.cluster import Backend, Cluster
 
 log = logging.getLogger("balancer")
@@ -50,48 +51,6 @@ class Event:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "kind": self.kind, "backend": self.backend, "detail": self.detail}
-
-
-class RedirectProtocol(asyncio.Protocol):
-    """A plain-HTTP listener that sends everyone to HTTPS with 308."""
-
-    def __init__(self, https_port: int) -> None:
-        self.port = https_port
-        self.buf = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if b"\r\n\r\n" not in self.buf:
-            if len(self.buf) > 16384:
-                self._reply(b"HTTP/1.1 431 Request Header Fields Too Large\r\n", b"")
-            return
-        head = self.buf.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-        parts = head[0].split(b" ")
-        target = parts[1] if len(parts) == 3 and parts[1].startswith(b"/") else b"/"
-        host = b""
-        for line in head[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"host":
-                host = value.strip().rsplit(b":", 1)[0] if b"]" not in value else value.strip()
-        if not host or any(c in host for c in b" \t\r\n/\\@"):
-            self._reply(b"HTTP/1.1 400 Bad Request\r\n", b"400 Bad Request: missing Host\n")
-            return
-        port = b"" if self.port == 443 else b":%d" % self.port
-        location = b"https://" + host + port + target
-        self._reply(b"HTTP/1.1 308 Permanent Redirect\r\nLocation: " + location + b"\r\n", b"")
-
-    def _reply(self, status_and_headers: bytes, body: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(
-            status_and_headers
-            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-            + body
-        )
-        self.transport.close()
 
 
 class Balancer:
@@ -135,15 +94,20 @@ class Balancer:
                 Path(cfg.tls.backend_key) if cfg.tls.backend_key else None,
             )
         proto = b"https" if self.tls_store is not None else b"http"
-        self.ctx = ProxyContext(
+        self.connector = Connector(self.upstream_ssl, cfg.tls.backend_server_name)
+        self.pool = ConnectionPool(cfg.limits, cfg.timeouts, self.clock, self.connector.open)
+        batch = Batch(lambda: None)
+        batch.wake = lambda: self._wake(batch)
+        self.ctx = ListenerContext(
             cfg,
             self.cluster,
+            self.pool,
+            clock=self.clock,
+            batch=batch,
             proto=proto,
-            upstream_ssl=self.upstream_ssl,
-            upstream_server_name=cfg.tls.backend_server_name,
             access_log=access_log_sink(cfg.access_log),
         )
-        self.sweeper = Sweeper([self.ctx], self.cluster)
+        self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
         self.checks: ActiveChecks | None = None
         if cfg.health.enabled:
             self.checks = ActiveChecks(
@@ -162,6 +126,9 @@ class Balancer:
         self.admin: Any = None
         self.pair: Any = None
         self.stopping = False
+
+    def _wake(self, batch: Batch) -> None:
+        self.loop.call_soon(batch.flush)
 
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)
@@ -207,7 +174,7 @@ class Balancer:
         ctx = self.ctx
         loop = self.loop
         srv = await loop.create_server(
-            lambda: ClientConnection(ctx, loop),
+            lambda: ClientProtocol(ctx),
             host,
             port,
             ssl=self.tls_store.context if self.tls_store is not None else None,
@@ -264,9 +231,7 @@ class Balancer:
         await self.sweeper.stop()
         if self.admin is not None:
             await self.admin.stop()
-        for backend in self.cluster.backends.values():
-            while backend.idle:
-                backend.idle.pop().close()
+        self.pool.close_idle()
 
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:
@@ -298,6 +263,7 @@ class Balancer:
             self.set_algorithm(cfg.algorithm)
         cluster.hash_key = cfg.hash_key
         self.ctx.reconfigure(cfg)
+        self.pool.reconfigure(cfg.limits, cfg.timeouts)
         self.cfg = cfg
         cluster.invalidate()
         if self.checks is not None:
@@ -323,6 +289,7 @@ class Balancer:
                     break
                 await asyncio.sleep(0.1)
             self.cluster.remove(bid)
+            self.pool.close_idle(bid)
             if self.checks is not None:
                 self.checks.sync()
             self.emit("removed", bid, "drained")
@@ -363,6 +330,7 @@ class Balancer:
         cluster = self.cluster
         out = []
         for b in cluster.backends.values():
+            connections, idle = self.pool.counts(b.id)
             out.append(
                 {
                     "id": b.id,
@@ -373,8 +341,8 @@ class Balancer:
                     "weight": b.configured_weight,
                     "effective_weight": round(b.weight, 3),
                     "in_flight": b.in_flight,
-                    "connections": b.conn_count,
-                    "idle_connections": len(b.idle),
+                    "connections": connections,
+                    "idle_connections": idle,
                     "requests": b.requests,
                     "responses": {f"{i}xx": n for i, n in enumerate(b.responses) if i},
                     "errors": {"connect": b.errors_connect, "response": b.errors_response},

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from balancer.config import BackendSpec, OutlierSettings, RetrySettings
 from balancer.lb.algorithms import Scheduler, make_scheduler
 from balancer.lb.health import OutlierDetector, RetryBudget, SlowStart, eligible
-
-if TYPE_CHECKING:
-    from balancer.io.proxy import UpstreamConnection
 
 # Latency buckets in seconds (upper bounds), shared by metrics and the dashboard.
 LATENCY_BUCKETS = (
@@ -45,20 +40,16 @@ class Backend:
         "_weight",
         "admin_state",
         "backup",
-        "bytes_in",
-        "bytes_out",
         "check_detail",
         "check_duration",
         "check_up",
         "clock",
-        "conn_count",
         "discovered",
         "ejections",
         "errors_connect",
         "errors_response",
         "host",
         "id",
-        "idle",
         "in_flight",
         "last_check",
         "latency",
@@ -70,7 +61,6 @@ class Backend:
         "slow_start",
         "suspect",
         "up_since",
-        "waiters",
         "weight",
     )
 
@@ -99,17 +89,12 @@ class Backend:
         self.slow_start = slow_start
         self.discovered = False
         self.in_flight = 0
-        self.conn_count = 0  # open upstream connections (idle + busy + connecting)
-        self.idle: deque[UpstreamConnection] = deque()
-        self.waiters: deque[Any] = deque()  # exchanges waiting for a connection slot
         self.requests = 0
         self.responses = [0, 0, 0, 0, 0, 0]  # index = status // 100
         self.errors_connect = 0
         self.errors_response = 0
         self.retries = 0
         self.ejections = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0  # seconds, for the Prometheus histogram _sum
 
@@ -189,8 +174,6 @@ class Cluster:
             return
         self.outlier.remove(backend_id)
         self.scheduler.forget(backend_id)
-        while backend.idle:
-            backend.idle.pop().close()
         self.invalidate()
 
     def set_algorithm(self, algorithm: str) -> None:

@@ -66,7 +66,7 @@ async def test_keepalive_both_sides_reuses_one_upstream_connection(
     assert resps[0].status == 200
     assert len(backend.conns) == 1
     assert [r.target for r in backend.requests] == [b"/0", b"/1", b"/2", b"/3", b"/4", b"/echo"]
-    assert bal.cluster.backends[backend.spec.id].conn_count == 1
+    assert bal.pool.counts(backend.spec.id) == (1, 1)
 
 
 async def test_http10_client(start_balancer, make_backend, raw_client, read_helpers, parse):  # type: ignore[no-untyped-def]
@@ -396,12 +396,11 @@ async def test_websocket_tunnel(start_balancer, make_backend, session):  # type:
         await ws.send_bytes(b"\x00\x01" * 40000)
         assert (await ws.receive(timeout=10)).data == b"\x00\x01" * 40000
     # the tunnel's upstream connection is not pooled afterwards
-    backend = bal.cluster.backends[a.spec.id]
     for _ in range(100):
-        if backend.conn_count == 0:
+        if bal.pool.counts(a.spec.id) == (0, 0):
             break
         await asyncio.sleep(0.05)
-    assert backend.conn_count == 0 and not backend.idle
+    assert bal.pool.counts(a.spec.id) == (0, 0)
 
 
 # ---------------------------------------------------------------- timeouts
@@ -472,7 +471,7 @@ async def test_upstream_idle_connections_are_closed(start_balancer, raw_backend,
     async with session.get(url(bal, "/")) as r:
         assert r.status == 200
     assert await backend.wait_for(lambda: backend.conns[0].closed)
-    assert not bal.cluster.backends[backend.spec.id].idle
+    assert bal.pool.counts(backend.spec.id)[1] == 0
 
 
 # ---------------------------------------------------------------- errors and failures

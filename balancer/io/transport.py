@@ -1,0 +1,44 @@
+"""The transport operations of `balancer.http1.output.Output`, on an asyncio transport."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+class TransportOps:
+    """Mixed into a connection core, before `asyncio.Protocol`: the core decides, this acts."""
+
+    transport: asyncio.Transport
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def _pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def _write_eof(self) -> bool:
+        t = self.transport
+        if not t.can_write_eof():
+            return False
+        t.write_eof()
+        return True
+
+    def _close_transport(self) -> None:
+        self.transport.close()
+
+    def _abort_transport(self) -> None:
+        self.transport.abort()
+
+
+def nodelay(transport: asyncio.BaseTransport) -> None:
+    # head and body leave in separate writes; Nagle + delayed ACK would stall them 40 ms
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
