@@ -15,14 +15,14 @@ from typing import Any
 
 from balancer.config import BackendSpec, Config, split_hostport
 from balancer.http1.client import rescue_in_flight
-from balancer.http1.exchange import ListenerContext
-from balancer.http1.output import Batch
+from balancer.http1.exchange import ListenerContext, Pool, attach
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
 from balancer.io.client import ClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.sweeper import Sweeper
+from balancer.io.transport import loop_batch
 from balancer.lb.cluster import Backend, Cluster
 
 log = logging.getLogger("balancer")
@@ -95,9 +95,10 @@ class Balancer:
             )
         proto = b"https" if self.tls_store is not None else b"http"
         self.connector = Connector(self.upstream_ssl, cfg.tls.backend_server_name)
-        self.pool = ConnectionPool(cfg.limits, cfg.timeouts, self.clock, self.connector.open)
-        batch = Batch(lambda: None)
-        batch.wake = lambda: self._wake(batch)
+        self.pool: Pool = ConnectionPool(
+            cfg.limits, cfg.timeouts, self.clock, self.connector.open, attach
+        )
+        batch = loop_batch(self.loop)
         self.ctx = ListenerContext(
             cfg,
             self.cluster,
@@ -126,9 +127,6 @@ class Balancer:
         self.admin: Any = None
         self.pair: Any = None
         self.stopping = False
-
-    def _wake(self, batch: Batch) -> None:
-        self.loop.call_soon(batch.flush)
 
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)

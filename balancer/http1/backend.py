@@ -8,27 +8,20 @@ byte tunnel. No I/O: the driver (`balancer.io.backend`) supplies the transport o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import httptools
 
-from balancer.http1.exchange import MAX_PIPELINE, Exchange, ListenerContext
+from balancer.http1.exchange import MAX_PIPELINE, ClientPort, Exchange, ListenerContext
 from balancer.http1.head import Framing, downstream_response, rewrite_response_head, split_head
 from balancer.http1.head import upstream_request as backend_request
 from balancer.http1.output import Output
 from balancer.lb.cluster import Backend
 
-if TYPE_CHECKING:
-    from balancer.http1.client import ClientSide
-    from balancer.http1.pool import Slots
-
 
 class BackendSide(Output):
-    def __init__(self, ctx: ListenerContext, backend: Backend, slots: Slots) -> None:
+    def __init__(self, ctx: ListenerContext, backend: Backend) -> None:
         self.ctx = ctx
         self.batch = ctx.batch
         self.backend = backend
-        self.slots = slots
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
         self.hbuf: bytes | None = None  # raw bytes of a response head still being parsed
@@ -38,7 +31,7 @@ class BackendSide(Output):
         self.idle_since = 0.0
         self.paused_by_client = False
         self.is_tunnel = False
-        self.peer: ClientSide | None = None  # the client, once this is a tunnel
+        self.peer: ClientPort | None = None  # the client, once this is a tunnel
         self.upgrade_head = b""
         self.out: list[bytes] | None = None
 

@@ -24,16 +24,15 @@ No I/O here: the driver (`balancer.io.client`) implements the transport operatio
 
 from __future__ import annotations
 
-import json
 from collections import deque
 
 import httptools
 
-from balancer.http1.backend import BackendSide
 from balancer.http1.exchange import (
     IDEMPOTENT,
     MAX_PIPELINE,
     PENDING_HIGH,
+    BackendPort,
     Exchange,
     ListenerContext,
 )
@@ -67,7 +66,7 @@ class ClientSide(Output):
         self.broken: tuple[int, str] | None = None
         self.lingering = False
         self.paused = False
-        self.tunnel: BackendSide | None = None
+        self.tunnel: BackendPort | None = None
         self.upgrade_wait = False
         self.deadline = 0.0
         self.dkind = D_NONE
@@ -414,7 +413,7 @@ class ClientSide(Output):
                 cur.keep_alive = False
                 self._respond_error(cur, status, reason)
 
-    def start_tunnel(self, up: BackendSide, ex: Exchange) -> None:
+    def start_tunnel(self, up: BackendPort, ex: Exchange) -> None:
         self.tunnel = up
         self.upgrade_wait = False
         buf = ex.tunnel_buf
@@ -503,28 +502,9 @@ class ClientSide(Output):
             self._abort_transport()
 
     def _log(self, ex: Exchange, now: float) -> None:
-        ctx = self.ctx
-        sink = ctx.access_log
-        if sink is None:
-            return
-        req = ex.req
-        sink(
-            json.dumps(
-                {
-                    "ts": ctx.wallclock(),
-                    "client": self.client_ip.decode(),
-                    "method": req.method.decode("latin-1"),
-                    "path": req.target.decode("latin-1"),
-                    "status": ex.status,
-                    "backend": ex.backend.id if ex.backend is not None else None,
-                    "duration_ms": round((now - ex.started) * 1000, 3),
-                    "bytes_in": ex.bytes_in,
-                    "bytes_out": ex.bytes_out,
-                    "retries": max(0, ex.attempts - 1),
-                    "request_id": req.request_id.decode("latin-1") or None,
-                }
-            )
-        )
+        sink = self.ctx.access_log
+        if sink is not None:
+            sink(ex.log_line(now, self.ctx.wallclock()))
 
 
 def rescue_in_flight(ctx: ListenerContext, backend: Backend) -> int:

@@ -5,23 +5,70 @@ No I/O here: `ListenerContext` gets its clock and its write batch from the drive
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from balancer.config import Config
 from balancer.http1.head import ForwardOptions, Framing, RequestHead
 from balancer.http1.output import Batch
+from balancer.http1.pool import ConnectionPool
 from balancer.lb.cluster import Backend, Cluster
-
-if TYPE_CHECKING:
-    from balancer.http1.backend import BackendSide
-    from balancer.http1.client import ClientSide
-    from balancer.http1.pool import ConnectionPool
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 PENDING_HIGH = 256 * 1024  # buffered request body before we stop reading the client
 MAX_PIPELINE = 16
+
+
+class BackendPort(Protocol):
+    """What the client side and the pool need of a backend connection (`BackendSide`)."""
+
+    backend: Backend
+    closed: bool
+    idle_since: float
+    paused_by_client: bool
+
+    def attach(self, ex: Exchange) -> None: ...
+    def close(self) -> None: ...
+    def detach(self) -> None: ...
+    def _send(self, data: bytes) -> None: ...
+    def _pause_reading(self) -> None: ...
+    def _resume_reading(self) -> None: ...
+
+
+class ClientPort(Protocol):
+    """What the backend side, the pool and the listener need of a client connection
+    (`ClientSide`)."""
+
+    ctx: ListenerContext
+    client_ip: bytes
+    tls: tuple[str, str] | None
+    closed: bool
+    paused: bool
+    queue: deque[Exchange]
+    current: Exchange | None
+    tunnel: BackendPort | None
+    deadline: float
+
+    def _send(self, data: bytes) -> None: ...
+    def _pause(self) -> None: ...
+    def _resume(self) -> None: ...
+    def _close(self) -> None: ...
+    def finish(self, ex: Exchange) -> None: ...
+    def backend_failed(self, ex: Exchange, kind: str, reached: bool) -> None: ...
+    def queue_timeout(self, ex: Exchange) -> None: ...
+    def start_tunnel(self, up: BackendPort, ex: Exchange) -> None: ...
+    def sweep(self, now: float) -> None: ...
+
+
+Pool = ConnectionPool[BackendPort, "Exchange"]
+
+
+def attach(conn: BackendPort, ex: Exchange) -> None:
+    """The pool's `attach`: send the exchange's request on the connection."""
+    conn.attach(ex)
 
 
 class ListenerStats:
@@ -52,7 +99,7 @@ class ListenerContext:
         self,
         cfg: Config,
         cluster: Cluster,
-        pool: ConnectionPool,
+        pool: Pool,
         *,
         clock: Callable[[], float],
         batch: Batch,
@@ -67,7 +114,7 @@ class ListenerContext:
         self.proto = proto
         self.access_log = access_log
         self.wallclock = wallclock  # access-log timestamps
-        self.clients: set[ClientSide] = set()
+        self.clients: set[ClientPort] = set()
         self.stats = ListenerStats()
         self.draining = False
         # a coarse clock, ticked by the sweeper: deadlines need no syscall per request
@@ -144,13 +191,13 @@ class Exchange:
         "tunnel_buf",
     )
 
-    def __init__(self, conn: ClientSide, req: RequestHead, keep_alive: bool) -> None:
+    def __init__(self, conn: ClientPort, req: RequestHead, keep_alive: bool) -> None:
         self.client = conn
         self.req = req
         self.keep_alive = keep_alive and not req.upgrade
         self.head_request = req.method == b"HEAD"
         self.backend: Backend | None = None
-        self.backend_conn: BackendSide | None = None  # the connection carrying it
+        self.backend_conn: BackendPort | None = None  # the connection carrying it
         self.pending: list[bytes] = []  # request body not yet sent to a backend
         self.pending_size = 0
         self.body_done = req.framing is Framing.NONE
@@ -174,3 +221,36 @@ class Exchange:
             self.counted = False
             if self.backend is not None:
                 self.backend.in_flight -= 1
+
+    # what the pool reports (`balancer.http1.pool.Waiter`) ---------------------------------
+    def abandoned(self) -> bool:
+        return self.dead or self.client.closed
+
+    def connect_failed(self, kind: str) -> None:
+        if self.dead:
+            self.uncount()
+        else:
+            self.client.backend_failed(self, kind, reached=False)
+
+    def queue_timeout(self) -> None:
+        self.uncount()
+        self.client.queue_timeout(self)
+
+    def log_line(self, now: float, ts: float) -> str:
+        """The exchange's access-log line (JSON)."""
+        req = self.req
+        return json.dumps(
+            {
+                "ts": ts,
+                "client": self.client.client_ip.decode(),
+                "method": req.method.decode("latin-1"),
+                "path": req.target.decode("latin-1"),
+                "status": self.status,
+                "backend": self.backend.id if self.backend is not None else None,
+                "duration_ms": round((now - self.started) * 1000, 3),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "retries": max(0, self.attempts - 1),
+                "request_id": req.request_id.decode("latin-1") or None,
+            }
+        )

@@ -10,60 +10,85 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from balancer.config import Limits, Timeouts
 from balancer.lb.cluster import Backend
 
-if TYPE_CHECKING:
-    from balancer.http1.backend import BackendSide
-    from balancer.http1.exchange import Exchange
+
+class PooledConn(Protocol):
+    """What the pool needs of a backend connection."""
+
+    backend: Backend
+    closed: bool
+    idle_since: float
+
+    def close(self) -> None: ...
 
 
-class Slots:
+class Waiter(Protocol):
+    """What the pool needs of an exchange that wants a connection."""
+
+    dead: bool
+
+    def abandoned(self) -> bool: ...
+    def connect_failed(self, kind: str) -> None: ...
+    def queue_timeout(self) -> None: ...
+
+
+C = TypeVar("C", bound=PooledConn)
+W = TypeVar("W", bound=Waiter)
+
+
+class Slots(Generic[C, W]):
     """One backend's share of the pool."""
 
     __slots__ = ("count", "idle", "waiters")
 
     def __init__(self) -> None:
         self.count = 0  # open connections: idle + busy + connecting
-        self.idle: deque[BackendSide] = deque()
-        self.waiters: deque[tuple[float, Exchange]] = deque()  # (queued at, exchange)
+        self.idle: deque[C] = deque()
+        self.waiters: deque[tuple[float, W]] = deque()  # (queued at, exchange)
 
 
-class ConnectionPool:
+class ConnectionPool(Generic[C, W]):
+    """`open(backend, ex)` starts a connect; `attach(conn, ex)` puts an exchange on a
+    connection (the protocol's business: the pool only decides which and when)."""
+
     def __init__(
         self,
         limits: Limits,
         timeouts: Timeouts,
         clock: Callable[[], float],
-        open: Callable[[Backend, Exchange], None],
+        open: Callable[[Backend, W], None],
+        attach: Callable[[C, W], None],
     ) -> None:
         self.limits = limits
         self.timeouts = timeouts
         self.clock = clock
         self.open = open
-        self.slots: dict[str, Slots] = {}
+        self.attach = attach
+        self.slots: dict[str, Slots[C, W]] = {}
         self.waiting = 0  # exchanges queued for a slot, all backends
 
     def reconfigure(self, limits: Limits, timeouts: Timeouts) -> None:
         self.limits = limits
         self.timeouts = timeouts
 
-    def slots_of(self, backend_id: str) -> Slots:
+    def slots_of(self, backend_id: str) -> Slots[C, W]:
         s = self.slots.get(backend_id)
         if s is None:
-            s = self.slots[backend_id] = Slots()
+            s = self.slots[backend_id] = Slots[C, W]()
         return s
 
     # the hot path -------------------------------------------------------------------------
-    def checkout(self, backend: Backend, ex: Exchange) -> bool:
+    def checkout(self, backend: Backend, ex: W) -> bool:
         """Give `ex` a connection to `backend`: now, once connected, or once one frees up.
 
         False when the backend's connections and the queue are all taken."""
         s = self.slots.get(backend.id) or self.slots_of(backend.id)
         if s.idle:
-            s.idle.pop().attach(ex)
+            self.attach(s.idle.pop(), ex)
             return True
         limits = self.limits
         if s.count < limits.backend_max_connections:
@@ -76,16 +101,16 @@ class ConnectionPool:
             return True
         return False
 
-    def checkin(self, conn: BackendSide, now: float) -> None:
+    def checkin(self, conn: C, now: float) -> None:
         """`conn` finished an exchange and can carry another: a waiter's, or stay idle."""
         if conn.closed:
             return  # `lost` does the accounting
-        s = conn.slots
+        s = self.slots.get(conn.backend.id) or self.slots_of(conn.backend.id)
         while s.waiters:
             _, ex = s.waiters.popleft()
             self.waiting -= 1
             if not ex.dead:
-                conn.attach(ex)
+                self.attach(conn, ex)
                 return
         if len(s.idle) >= self.limits.backend_max_idle or conn.backend.admin_state == "maint":
             self.discard(conn)
@@ -94,23 +119,20 @@ class ConnectionPool:
         s.idle.append(conn)
 
     # connection life cycle (the driver reports) ------------------------------------------
-    def connected(self, conn: BackendSide, ex: Exchange) -> None:
-        if ex.dead or ex.client.closed:
+    def connected(self, conn: C, ex: W) -> None:
+        if ex.abandoned():
             self.checkin(conn, self.clock())
         else:
-            conn.attach(ex)
+            self.attach(conn, ex)
 
-    def connect_failed(self, backend: Backend, ex: Exchange, kind: str) -> None:
+    def connect_failed(self, backend: Backend, ex: W, kind: str) -> None:
         self.slots_of(backend.id).count -= 1
-        if not ex.dead:
-            ex.client.backend_failed(ex, kind, reached=False)
-        else:
-            ex.uncount()
+        ex.connect_failed(kind)
         self._serve_waiter(backend)
 
-    def lost(self, conn: BackendSide) -> None:
+    def lost(self, conn: C) -> None:
         """The connection closed, by either side."""
-        s = conn.slots
+        s = self.slots_of(conn.backend.id)
         s.count -= 1
         try:
             s.idle.remove(conn)
@@ -118,7 +140,7 @@ class ConnectionPool:
             pass
         self._serve_waiter(conn.backend)
 
-    def discard(self, conn: BackendSide) -> None:
+    def discard(self, conn: C) -> None:
         """Close a connection that must not be reused; `lost` follows from the driver."""
         conn.close()
 
@@ -150,8 +172,7 @@ class ConnectionPool:
                 _, ex = waiters.popleft()
                 self.waiting -= 1
                 if not ex.dead:
-                    ex.uncount()
-                    ex.client.queue_timeout(ex)
+                    ex.queue_timeout()
 
     def close_idle(self, backend_id: str | None = None) -> None:
         """Close the idle connections of one backend (removed) or of all (stopping)."""

@@ -35,8 +35,7 @@ class Connector:
         asyncio.get_running_loop().create_task(self._connect(ex.client.ctx, backend, ex))
 
     def factory(self, ctx: ListenerContext, backend: Backend) -> Callable[[], BackendProtocol]:
-        slots = ctx.pool.slots_of(backend.id)
-        return lambda: BackendProtocol(ctx, backend, slots)
+        return lambda: BackendProtocol(ctx, backend)
 
     async def _connect(self, ctx: ListenerContext, backend: Backend, ex: Exchange) -> None:
         loop = asyncio.get_running_loop()

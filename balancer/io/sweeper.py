@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from balancer.http1.exchange import ListenerContext
-from balancer.http1.pool import ConnectionPool
+from balancer.http1.exchange import ListenerContext, Pool
 from balancer.lb.cluster import Cluster
 
 log = logging.getLogger("balancer.sweeper")
 
 
-def sweep(
-    now: float, contexts: list[ListenerContext], cluster: Cluster, pool: ConnectionPool
-) -> None:
+def sweep(now: float, contexts: list[ListenerContext], cluster: Cluster, pool: Pool) -> None:
     """One round: retry-budget accounting, client deadlines, pool expiry."""
     cluster.flush_budget(now)
     for ctx in contexts:
@@ -27,7 +24,7 @@ class Sweeper:
         self,
         contexts: list[ListenerContext],
         cluster: Cluster,
-        pool: ConnectionPool,
+        pool: Pool,
         period: float = 0.25,
     ) -> None:
         self.contexts = contexts

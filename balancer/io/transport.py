@@ -5,6 +5,19 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from balancer.http1.output import Batch
+
+
+def loop_batch(loop: asyncio.AbstractEventLoop) -> Batch:
+    """A write batch flushed by the loop once per turn, after the events of that turn."""
+    batch = Batch(lambda: None)
+
+    def wake() -> None:
+        loop.call_soon(batch.flush)
+
+    batch.wake = wake
+    return batch
+
 
 class TransportOps:
     """Mixed into a connection core, before `asyncio.Protocol`: the core decides, this acts."""

@@ -1,5 +1,6 @@
-"""Deferred writes: what a connection sends while the loop handles one batch of events
-leaves in one write after the batch, in order, and a close never loses it."""
+"""Deferred writes through the asyncio driver: what a connection sends while the loop
+handles one batch of events leaves in one write after the batch, in order, and a close
+never loses it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import random
 from typing import Any
 
 from balancer.config import BackendSpec, Config
-from balancer.io.proxy import ClientConnection, ProxyContext, UpstreamConnection
+from balancer.http1.exchange import ListenerContext, Pool, attach
+from balancer.http1.pool import ConnectionPool
+from balancer.io.backend import BackendProtocol
+from balancer.io.client import ClientProtocol
+from balancer.io.transport import loop_batch
 from balancer.lb.cluster import Cluster
 
 
@@ -44,28 +49,30 @@ class FakeTransport:
         return {"peername": ("127.0.0.1", 40000)}.get(name, default)
 
     def pause_reading(self) -> None:
-        pass
+        self.calls.append(("pause", None))
 
     def resume_reading(self) -> None:
-        pass
+        self.calls.append(("resume", None))
 
 
-def make_ctx() -> ProxyContext:
+def make_ctx() -> ListenerContext:
+    loop = asyncio.get_running_loop()
     cfg = Config(listen="127.0.0.1:0", backends=(BackendSpec("127.0.0.1", 9),))
     cluster = Cluster(
         cfg.backends,
         cfg.algorithm,
         cfg.hash_key,
-        clock=lambda: 0.0,
+        clock=loop.time,
         rng=random.Random(1),
         outlier=cfg.outlier,
         retries=cfg.retries,
     )
-    return ProxyContext(cfg, cluster)
+    pool: Pool = ConnectionPool(cfg.limits, cfg.timeouts, loop.time, lambda b, ex: None, attach)
+    return ListenerContext(cfg, cluster, pool, clock=loop.time, batch=loop_batch(loop))
 
 
-def client(ctx: ProxyContext) -> tuple[ClientConnection, FakeTransport]:
-    conn = ClientConnection(ctx, asyncio.get_running_loop())
+def client(ctx: ListenerContext) -> tuple[ClientProtocol, FakeTransport]:
+    conn = ClientProtocol(ctx)
     t = FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     return conn, t
@@ -84,11 +91,11 @@ async def test_writes_of_one_batch_leave_as_one_write_after_it() -> None:
     b._send(b"one")
     a._send(b"body")
     assert ta.calls == [] and tb.calls == []  # nothing leaves inside the batch
-    assert ctx.dirty == [a, b]
+    assert ctx.batch.dirty == [a, b]
     await next_iteration()
     assert ta.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nbody")]
     assert tb.calls == [("write", b"one")]
-    assert ctx.dirty == [] and a.out is None
+    assert ctx.batch.dirty == [] and a.out is None
     b._send(b"two")  # a new batch schedules a new flush
     await next_iteration()
     assert tb.calls[-1] == ("write", b"two")
@@ -121,11 +128,20 @@ async def test_abort_drops_what_waits() -> None:
     assert t.calls == [("abort", None)]
 
 
-async def test_upstream_close_sends_a_tunnels_last_bytes_first() -> None:
+async def test_backend_close_sends_a_tunnels_last_bytes_first() -> None:
     ctx = make_ctx()
-    up = UpstreamConnection(ctx, next(iter(ctx.cluster.backends.values())))
+    up = BackendProtocol(ctx, next(iter(ctx.cluster.backends.values())))
     t = FakeTransport()
     up.connection_made(t)  # type: ignore[arg-type]
     up._send(b"\x88\x02\x03\xe8")  # a WebSocket close frame
     up.close()
     assert t.calls == [("write", b"\x88\x02\x03\xe8"), ("close", None)]
+
+
+async def test_the_driver_reports_peer_and_pauses_through_the_transport() -> None:
+    ctx = make_ctx()
+    conn, t = client(ctx)
+    assert conn.client_ip == b"127.0.0.1" and ctx.stats.connections_open == 1
+    conn._pause()
+    conn._resume()
+    assert t.calls == [("pause", None), ("resume", None)]
