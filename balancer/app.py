@@ -75,7 +75,7 @@ class Balancer:
         )
         self.cluster.on_event = self.emit
         self.tls_store: Any = None
-        self.upstream_ssl: ssl.SSLContext | None = None
+        self.backend_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
             from balancer.tls.store import CertStore
 
@@ -88,13 +88,13 @@ class Balancer:
 
             from balancer.tls.store import client_context
 
-            self.upstream_ssl = client_context(
+            self.backend_ssl = client_context(
                 Path(cfg.tls.backend_ca),
                 Path(cfg.tls.backend_cert) if cfg.tls.backend_cert else None,
                 Path(cfg.tls.backend_key) if cfg.tls.backend_key else None,
             )
         proto = b"https" if self.tls_store is not None else b"http"
-        self.connector = Connector(self.upstream_ssl, cfg.tls.backend_server_name)
+        self.connector = Connector(self.backend_ssl, cfg.tls.backend_server_name)
         self.pool: Pool = ConnectionPool(
             cfg.limits, cfg.timeouts, self.clock, self.connector.open, attach
         )
@@ -115,7 +115,7 @@ class Balancer:
                 self.cluster,
                 cfg.health,
                 self.emit,
-                self.upstream_ssl,
+                self.backend_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
             )

@@ -51,7 +51,7 @@ class Limits:
     max_header_bytes: int = 32768
     max_headers: int = 100
     max_client_connections: int = 20000
-    backend_max_connections: int = 512  # upstream connections per backend
+    backend_max_connections: int = 512  # connections per backend
     backend_max_idle: int = 128  # idle pooled connections kept per backend
     queue_size: int = 1024  # requests waiting for a backend connection slot
     max_request_body: int = 0  # 0 = unlimited (streamed, never held)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import httptools
 
 from balancer.http1.exchange import MAX_PIPELINE, ClientPort, Exchange, ListenerContext
-from balancer.http1.head import Framing, downstream_response, rewrite_response_head, split_head
-from balancer.http1.head import upstream_request as backend_request
+from balancer.http1.head import (
+    Framing,
+    backend_request,
+    client_response,
+    rewrite_response_head,
+    split_head,
+)
 from balancer.http1.output import Output
 from balancer.lb.cluster import Backend
 
@@ -204,7 +209,7 @@ class BackendSide(Output):
         ex.status = 101
         ex.response_started = True
         reason, headers = split_head(self.upgrade_head)
-        head, _, _ = downstream_response(
+        head, _, _ = client_response(
             101,
             reason,
             headers,

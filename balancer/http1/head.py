@@ -3,7 +3,7 @@
 The proxy parses with httptools (llhttp, strict mode), which already refuses
 CL+TE, duplicate Content-Length, obs-fold, bare CR/LF, CTLs in names/values and
 bad chunk sizes. What llhttp allows but a proxy must not forward ambiguously is
-checked here, and the upstream/downstream heads are rebuilt from parsed fields
+checked here, and the heads for the backend and for the client are rebuilt from parsed fields
 so that nothing the client framed one way reaches a backend framed another.
 """
 
@@ -253,7 +253,7 @@ def new_request_id() -> bytes:
     return b"%s-%x" % (_RID_PREFIX, _rid_counter)
 
 
-def upstream_request(
+def backend_request(
     req: RequestHead,
     client_ip: bytes,
     opts: ForwardOptions,
@@ -306,7 +306,7 @@ def upstream_request(
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
-def downstream_response(
+def client_response(
     status: int,
     reason: bytes,
     headers: list[tuple[bytes, bytes]],
@@ -347,7 +347,7 @@ def downstream_response(
     if drop and any(n.lower() in drop for n, _ in headers):
         # rare: the backend named extra hop-by-hop headers in Connection (once they are
         # filtered out the check fails, so this recurses only once)
-        return downstream_response(
+        return client_response(
             status,
             reason,
             [(n, v) for n, v in headers if n.lower() not in drop],
@@ -419,7 +419,7 @@ def rewrite_response_head(
     keep_alive: bool,
     extra: bytes = b"",
 ) -> tuple[bytes, Framing, bool]:
-    """Like `downstream_response`, from the raw head bytes (status line + header lines)."""
+    """Like `client_response`, from the raw head bytes (status line + header lines)."""
     eol = raw.find(b"\r\n")
     block = raw[eol + 2 :]
     te = False
@@ -438,7 +438,7 @@ def rewrite_response_head(
                 status = -status  # rare: extra hop-by-hop names; take the slow path below
     if status < 0 or status == 101:
         reason, headers = split_head(raw)
-        return downstream_response(
+        return client_response(
             abs(status),
             reason,
             headers,

@@ -167,7 +167,7 @@ class _ReqSink:
 
 @dataclass
 class RawConn:
-    """What one upstream connection delivered to the raw backend."""
+    """What one backend connection delivered to the raw backend."""
 
     data: bytes = b""
     requests: list[ParsedRequest] = field(default_factory=list)

@@ -14,8 +14,8 @@ from balancer.http1.head import (
     HOP_BY_HOP,
     ForwardOptions,
     Framing,
+    backend_request,
     inspect_request,
-    upstream_request,
 )
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -105,7 +105,7 @@ def test_well_formed_heads_round_trip(method, target, headers, hops, xff) -> Non
     parser, got = llhttp_parse(raw)  # what the proxy's parser delivers
     req = inspect_request(parser.get_method(), got.url, parser.get_http_version(), got.headers)
     assert req.framing is Framing.NONE and req.target == target
-    out = upstream_request(req, b"127.0.0.1", ForwardOptions())
+    out = backend_request(req, b"127.0.0.1", ForwardOptions())
     parser2, back = llhttp_parse(out)  # and the backend's view of what we forward
     assert back.done == 1 and back.url == target and parser2.get_method() == method
     assert parser2.get_http_version() == "1.1"

@@ -8,13 +8,13 @@ from balancer.http1.head import (
     BadRequest,
     ForwardOptions,
     Framing,
-    downstream_response,
+    backend_request,
+    client_response,
     error_response,
     inspect_request,
     new_request_id,
     rewrite_response_head,
     split_head,
-    upstream_request,
 )
 
 HOST = (b"Host", b"a.example")
@@ -142,10 +142,10 @@ def test_spoofable_headers_collected_not_forwarded() -> None:
     assert req.forward == b"X-Request-Id: rid\r\nExpect: 100-Continue\r\n"
 
 
-# ---------------------------------------------------------------- upstream_request
+# ---------------------------------------------------------------- backend_request
 
 
-def test_upstream_request_adds_forwarding_headers() -> None:
+def test_backend_request_adds_forwarding_headers() -> None:
     req = inspect(
         HOST,
         (b"X-Forwarded-For", b"10.0.0.1"),
@@ -155,7 +155,7 @@ def test_upstream_request_adds_forwarding_headers() -> None:
         version="1.0",
     )
     req.framing, req.content_length = Framing.LENGTH, 3
-    raw = upstream_request(req, b"127.0.0.9", ForwardOptions(request_id=False))
+    raw = backend_request(req, b"127.0.0.9", ForwardOptions(request_id=False))
     lines = head_lines(raw)
     assert lines[0] == b"POST /p HTTP/1.1"
     assert b"X-A: 1" in lines
@@ -167,10 +167,10 @@ def test_upstream_request_adds_forwarding_headers() -> None:
     assert not any(ln.lower().startswith(b"x-request-id") for ln in lines)
 
 
-def test_upstream_request_ids_forwarded_and_tls() -> None:
+def test_backend_request_ids_forwarded_and_tls() -> None:
     req = inspect(HOST, (b"Via", b"1.0 p"))
     opts = ForwardOptions(proto=b"https", forwarded=True, tls_facts=True)
-    lines = head_lines(upstream_request(req, b"::1", opts, ("TLSv1.3", "TLS_AES_128_GCM_SHA256")))
+    lines = head_lines(backend_request(req, b"::1", opts, ("TLSv1.3", "TLS_AES_128_GCM_SHA256")))
     assert b'Forwarded: for="[::1]";proto=https;host="a.example"' in lines
     assert b"Via: 1.0 p, 1.1 lb-testbed" in lines
     assert b"X-Forwarded-TLS-Version: TLSv1.3" in lines
@@ -178,16 +178,16 @@ def test_upstream_request_ids_forwarded_and_tls() -> None:
     assert sum(ln.startswith(b"X-Request-Id: ") for ln in lines) == 1
 
 
-def test_upstream_request_chunked_upgrade_and_no_host() -> None:
+def test_backend_request_chunked_upgrade_and_no_host() -> None:
     chunked = inspect(HOST, (b"Transfer-Encoding", b"chunked"), method=b"POST")
     assert b"Transfer-Encoding: chunked" in head_lines(
-        upstream_request(chunked, b"1.2.3.4", ForwardOptions())
+        backend_request(chunked, b"1.2.3.4", ForwardOptions())
     )
     up = inspect(HOST, (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
-    lines = head_lines(upstream_request(up, b"1.2.3.4", ForwardOptions()))
+    lines = head_lines(backend_request(up, b"1.2.3.4", ForwardOptions()))
     assert b"Connection: Upgrade" in lines and b"Upgrade: websocket" in lines
     no_host = inspect(version="1.0")
-    lines = head_lines(upstream_request(no_host, b"1.2.3.4", ForwardOptions()))
+    lines = head_lines(backend_request(no_host, b"1.2.3.4", ForwardOptions()))
     assert b"Host: " in lines and not any(ln.startswith(b"X-Forwarded-Host") for ln in lines)
 
 
@@ -299,7 +299,7 @@ def test_response_head_rewrite(
         )
     else:
         reason, headers = split_head(raw)
-        out, fr, ch = downstream_response(
+        out, fr, ch = client_response(
             status,
             reason,
             headers,

@@ -225,7 +225,7 @@ async def test_pipelined_requests_reach_backend_exactly(start_balancer, raw_back
     data, resps = await raw_client(balancer).request(raw, count=3)
     assert [r.body for r in resps] == [b"/one ", b"/two hello", b"/three abc"], data
     assert [r.target for r in backend.requests] == [b"/one", b"/two", b"/three"]
-    # kept alive on both sides: one upstream connection carried all three
+    # kept alive on both sides: one backend connection carried all three
     assert len(backend.conns) == 1 and backend.conns[0].begun == 3
 
 

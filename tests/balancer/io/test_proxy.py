@@ -50,7 +50,7 @@ def closed_port() -> int:
 # ---------------------------------------------------------------- keep-alive and pooling
 
 
-async def test_keepalive_both_sides_reuses_one_upstream_connection(
+async def test_keepalive_both_sides_reuses_one_backend_connection(
     start_balancer, raw_backend, raw_client, read_helpers
 ):  # type: ignore[no-untyped-def]
     backend = await raw_backend()
@@ -61,7 +61,7 @@ async def test_keepalive_both_sides_reuses_one_upstream_connection(
         writer.write(b"GET /%d HTTP/1.1\r\n" % i + H + b"\r\n")
         _, resps = await read_helpers.responses(reader, 1)
         assert resps[0].status == 200 and resps[0].header(b"connection") is None
-    # a second client connection is served from the same pooled upstream connection
+    # a second client connection is served from the same pooled backend connection
     _, resps = await client.request(GET)
     assert resps[0].status == 200
     assert len(backend.conns) == 1
@@ -368,7 +368,7 @@ async def test_head_204_304_framing(start_balancer, raw_backend, raw_client, rea
     assert [r.status for r in resps] == [204, 304, 200]
     assert resps[0].body == b"" and resps[1].body == b"" and resps[2].body == b"body"
     assert resps[0].header(b"transfer-encoding") is None
-    assert len(backend.conns) == 1  # all on one upstream connection
+    assert len(backend.conns) == 1  # all on one backend connection
 
 
 async def test_until_close_backend_body_is_chunked_for_11(start_balancer, raw_backend, raw_client):  # type: ignore[no-untyped-def]
@@ -395,7 +395,7 @@ async def test_websocket_tunnel(start_balancer, make_backend, session):  # type:
             assert (await ws.receive(timeout=10)).data == f"hello {i}"
         await ws.send_bytes(b"\x00\x01" * 40000)
         assert (await ws.receive(timeout=10)).data == b"\x00\x01" * 40000
-    # the tunnel's upstream connection is not pooled afterwards
+    # the tunnel's backend connection is not pooled afterwards
     for _ in range(100):
         if bal.pool.counts(a.spec.id) == (0, 0):
             break
