@@ -9,6 +9,7 @@ import signal
 import sys
 
 from balancer.config import Config, ConfigError, from_args
+from balancer.events import EventKind
 
 GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
@@ -45,7 +46,7 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
             new = from_args(argv)
         except ConfigError as exc:
             logging.getLogger("balancer").error("reload refused, keeping the old config: %s", exc)
-            balancer.emit("reload-refused", "", str(exc))
+            balancer.emit(EventKind.RELOAD_REFUSED, "", str(exc))
             return
         balancer.apply(new)
 

@@ -10,10 +10,10 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from balancer.config import BackendSpec, Config, split_hostport
+from balancer.events import Event, EventKind
 from balancer.io.checks import ActiveChecks
 from balancer.io.proxy import (
     ClientConnection,
@@ -39,17 +39,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         f"admin.{n}" for n in RESTART_ONLY_ADMIN if getattr(old.admin, n) != getattr(new.admin, n)
     ]
     return names
-
-
-@dataclass(frozen=True)
-class Event:
-    ts: float
-    kind: str
-    backend: str
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ts": self.ts, "kind": self.kind, "backend": self.backend, "detail": self.detail}
 
 
 class RedirectProtocol(asyncio.Protocol):
@@ -114,7 +103,7 @@ class Balancer:
             retries=cfg.retries,
             slow_start=cfg.slow_start,
         )
-        self.cluster.on_event = self.emit
+        self.cluster.on_event = self._emit_named
         self.tls_store: Any = None
         self.upstream_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
@@ -149,7 +138,7 @@ class Balancer:
             self.checks = ActiveChecks(
                 self.cluster,
                 cfg.health,
-                self.emit,
+                self._emit_named,
                 self.upstream_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
@@ -166,14 +155,18 @@ class Balancer:
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)
         if moved:
-            self.emit("rescued", backend.id, f"{moved} in-flight request(s) moved off it")
+            self.emit(EventKind.RESCUED, backend.id, f"{moved} in-flight request(s) moved off it")
 
     # events --------------------------------------------------------------------------
-    def emit(self, kind: str, backend: str, detail: str) -> None:
+    def emit(self, kind: EventKind, backend: str, detail: str) -> None:
         event = Event(time.time(), kind, backend, detail)
         self.events.append(event)
         for listener in list(self.event_listeners):
             listener(event)
+
+    def _emit_named(self, kind: str, backend: str, detail: str) -> None:
+        # the cluster and the active checks name kinds by string; an unknown one raises here
+        self.emit(EventKind(kind), backend, detail)
 
     # life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -244,7 +237,7 @@ class Balancer:
         if self.stopping:
             return
         self.stopping = True
-        self.emit("shutdown", "", "stopping: draining in-flight requests")
+        self.emit(EventKind.SHUTDOWN, "", "stopping: draining in-flight requests")
         if self.pair is not None:
             await self.pair.stop()
         await self.stop_listening()
@@ -271,7 +264,7 @@ class Balancer:
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:
         self.cluster.set_algorithm(algorithm)
-        self.emit("algorithm", "", algorithm)
+        self.emit(EventKind.ALGORITHM, "", algorithm)
 
     def apply(self, cfg: Config) -> None:
         """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
@@ -290,7 +283,7 @@ class Balancer:
             existing = cluster.backends.get(bid)
             if existing is None:
                 cluster.add(spec)
-                self.emit("added", bid, "by reload")
+                self.emit(EventKind.ADDED, bid, "by reload")
             else:
                 existing.set_weight(spec.weight)
                 existing.backup = spec.backup
@@ -307,7 +300,7 @@ class Balancer:
         detail = "configuration applied"
         if fixed:
             detail += f"; restart needed for: {', '.join(fixed)}"
-        self.emit("reload", "", detail)
+        self.emit(EventKind.RELOAD, "", detail)
 
     def drain_and_remove(self, bid: str) -> None:
         backend = self.cluster.backends.get(bid)
@@ -315,7 +308,7 @@ class Balancer:
             return
         backend.admin_state = "draining"
         self.cluster.invalidate()
-        self.emit("draining", bid, "removed")
+        self.emit(EventKind.DRAINING, bid, "removed")
 
         async def finish() -> None:
             for _ in range(int(self.cfg.timeouts.shutdown_grace / 0.1) + 1):
@@ -325,7 +318,7 @@ class Balancer:
             self.cluster.remove(bid)
             if self.checks is not None:
                 self.checks.sync()
-            self.emit("removed", bid, "drained")
+            self.emit(EventKind.REMOVED, bid, "drained")
 
         self.tasks.append(self.loop.create_task(finish()))
 
@@ -342,14 +335,14 @@ class Balancer:
                     )
                 except (OSError, UnicodeError) as exc:
                     if first:
-                        self.emit("discovery", "", f"{host}: no servers yet ({exc})")
+                        self.emit(EventKind.DISCOVERY, "", f"{host}: no servers yet ({exc})")
                     continue
                 for info in infos:
                     addr = str(info[4][0])
                     seen.add(f"{addr}:{port}")
                     if f"{addr}:{port}" not in self.cluster.backends:
                         self.cluster.add(BackendSpec(addr, port), discovered=True)
-                        self.emit("added", f"{addr}:{port}", f"discovered via {host}")
+                        self.emit(EventKind.ADDED, f"{addr}:{port}", f"discovered via {host}")
             for bid, backend in list(self.cluster.backends.items()):
                 if backend.discovered and bid not in seen and backend.admin_state != "draining":
                     self.drain_and_remove(bid)

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from balancer.admin.metrics import make_registry, render
 from balancer.config import ALGORITHMS, split_hostport
+from balancer.events import EventKind
 from balancer.lb.cluster import LATENCY_BUCKETS
 
 log = logging.getLogger("balancer.admin")
@@ -347,7 +348,8 @@ class AdminServer:
         previous = backend.admin_state
         backend.admin_state = admin_state
         self.balancer.cluster.invalidate()
-        self.balancer.emit(action, backend.id, f"by admin ({previous} -> {admin_state})")
+        kind = EventKind(action)
+        self.balancer.emit(kind, backend.id, f"by admin ({previous} -> {admin_state})")
         return web.json_response(
             {"id": backend.id, "admin_state": admin_state, "state": self._state_of(backend)}
         )
@@ -359,7 +361,7 @@ class AdminServer:
         previous = backend.configured_weight
         backend.set_weight(weight)
         self.balancer.cluster.invalidate()
-        self.balancer.emit("weight", backend.id, f"by admin ({previous:g} -> {weight:g})")
+        self.balancer.emit(EventKind.WEIGHT, backend.id, f"by admin ({previous:g} -> {weight:g})")
         return web.json_response({"id": backend.id, "weight": weight})
 
     async def algorithm(self, request: web.Request) -> web.Response:
@@ -380,7 +382,7 @@ class AdminServer:
         for event in reversed(self.balancer.events):
             if event is mark:
                 break
-            if event.kind == "reload-refused":
+            if event.kind == EventKind.RELOAD_REFUSED:
                 raise AdminError(400, f"reload refused: {event.detail}")
         return web.json_response({"reloaded": True})
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from balancer.events import EventKind
 from balancer.pair.driver import ElectionDriver, validate_pair_config
 from balancer.pair.election import ElectionConfig
 
@@ -207,7 +208,7 @@ class PairRole:
         b.role = role if role in ("active", "passive") else "passive"
         if b.role != old:
             self.transitions += 1
-            b.emit("role", "", f"{old} -> {b.role}: {reason}")
+            b.emit(EventKind.ROLE, "", f"{old} -> {b.role}: {reason}")
             log.info("role %s -> %s (%s)", old, b.role, reason)
         self._publish()
 
