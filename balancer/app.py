@@ -289,7 +289,6 @@ class Balancer:
                 existing.backup = spec.backup
         if cfg.algorithm != cluster.algorithm:
             self.set_algorithm(cfg.algorithm)
-        cluster.hash_key = cfg.hash_key
         self.ctx.reconfigure(cfg)
         self.cfg = cfg
         cluster.invalidate()
