@@ -10,18 +10,15 @@ so whoever holds the VIP gets the traffic.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import os
 import socket
-import struct
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from balancer.events import EventKind
 from balancer.pair.driver import ElectionDriver, validate_pair_config
 from balancer.pair.election import ElectionConfig
+from balancer.pair.vip import VirtualIP
 
 if TYPE_CHECKING:
     from balancer.app import Balancer
@@ -35,105 +32,6 @@ def local_address_towards(peer: tuple[str, int]) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect(peer)
         return str(sock.getsockname()[0])
-
-
-# rtnetlink constants (linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h)
-_RTM_NEWADDR, _RTM_DELADDR = 20, 21
-_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
-_NLMSG_ERROR = 2
-_IFA_ADDRESS, _IFA_LOCAL = 1, 2
-
-
-def netlink_addr_message(
-    op: str, index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, seq: int = 1
-) -> bytes:
-    """An RTM_NEWADDR (replace) or RTM_DELADDR request, as `ip addr replace|del` sends."""
-    family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
-    addr = iface.ip.packed
-    kinds = (_IFA_LOCAL, _IFA_ADDRESS) if iface.version == 4 else (_IFA_ADDRESS,)
-    attrs = b"".join(struct.pack("=HH", 4 + len(addr), kind) + addr for kind in kinds)
-    body = struct.pack("=BBBBI", family, iface.network.prefixlen, 0, 0, index) + attrs
-    if op == "add":
-        mtype, flags = _RTM_NEWADDR, _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
-    elif op == "del":
-        mtype, flags = _RTM_DELADDR, _NLM_F_REQUEST | _NLM_F_ACK
-    else:
-        raise ValueError(f"unknown netlink address op {op!r}")
-    return struct.pack("=IHHII", 16 + len(body), mtype, flags, seq, 0) + body
-
-
-def netlink_addr(
-    op: str, interface: str, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-) -> None:
-    """Add or delete an address; raises OSError with the kernel's errno on failure."""
-    index = socket.if_nametoindex(interface)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.settimeout(2.0)
-        sock.bind((0, 0))
-        sock.send(netlink_addr_message(op, index, iface))
-        reply = sock.recv(65536)
-    _, mtype, _, _, _ = struct.unpack_from("=IHHII", reply)
-    if mtype == _NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", reply, 16)
-        if err:
-            raise OSError(-err, os.strerror(-err))
-
-
-def gratuitous_arp(interface: str, mac: bytes, ip: bytes) -> bytes:
-    """An unsolicited ARP request announcing that `ip` is at `mac` (what arping -U sends)."""
-    broadcast = b"\xff" * 6
-    eth = broadcast + mac + b"\x08\x06"
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
-    return eth + arp
-
-
-class VirtualIP:
-    """Adds/removes ADDR/PREFIX on an interface over netlink and announces it.
-
-    Both happen in-process (a netlink socket, an AF_PACKET socket): forking `ip`
-    and `arping` on the takeover path cost tens of milliseconds on a busy host.
-    """
-
-    def __init__(self, cidr: str, interface: str) -> None:
-        self.iface = ipaddress.ip_interface(cidr)
-        self.cidr = cidr
-        self.interface = interface
-
-    def _netlink(self, op: str) -> None:
-        netlink_addr(op, self.interface, self.iface)
-
-    async def add(self) -> None:
-        try:
-            self._netlink("add")
-        except Exception as exc:  # NetlinkError carries errno + message
-            raise OSError(f"cannot add {self.cidr} to {self.interface}: {exc}") from None
-        if self.iface.version == 4:
-            self.announce()
-            # a second copy, as arping -c 2 does, in case the first one is lost
-            asyncio.get_running_loop().call_later(0.2, self.announce)
-
-    def announce(self) -> None:
-        try:
-            mac = bytes.fromhex(
-                Path(f"/sys/class/net/{self.interface}/address")
-                .read_text()
-                .strip()
-                .replace(":", "")
-            )
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-                sock.bind((self.interface, 0))
-                sock.send(gratuitous_arp(self.interface, mac, self.iface.ip.packed))
-        except OSError as exc:
-            # neighbours then switch when their ARP entry expires: slower, not broken
-            log.warning("gratuitous ARP for %s on %s failed: %s", self.cidr, self.interface, exc)
-
-    async def remove(self) -> None:
-        try:
-            self._netlink("del")
-        except Exception as exc:
-            # "not there" is the normal case at startup and for a passive
-            if "Cannot assign" not in str(exc) and "99" not in str(exc):
-                log.warning("removing %s from %s: %s", self.cidr, self.interface, exc)
 
 
 class PairRole:
@@ -186,7 +84,10 @@ class PairRole:
             self.tracker.cancel()
         await self.driver.stop(resign=True)
         if self.vip is not None:
-            await self.vip.remove()
+            try:
+                await self.vip.remove()
+            except OSError as exc:  # stopping anyway; the log says the VIP stayed behind
+                log.error("%s", exc)
 
     async def _on_role(self, role: str, reason: str) -> None:
         b = self.balancer
@@ -202,7 +103,10 @@ class PairRole:
                 self.listen_error = str(exc)
                 log.error("became active but cannot serve: %s", exc)
         elif self.vip is not None:
-            await self.vip.remove()
+            try:
+                await self.vip.remove()
+            except OSError as exc:  # both nodes may now answer for the VIP: say so loudly
+                log.error("became passive but still hold the VIP: %s", exc)
         else:
             await b.stop_listening()
         b.role = role if role in ("active", "passive") else "passive"
