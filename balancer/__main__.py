@@ -53,7 +53,7 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    balancer.reload_hook = reload  # type: ignore[attr-defined]
+    balancer.reload_hook = reload
     if balancer.listening:
         host, port = balancer.address
         scheme = "https" if balancer.tls_store is not None else "http"

@@ -10,21 +10,33 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from balancer.config import BackendSpec, Config, split_hostport
+from balancer.config import ALGORITHMS, BackendSpec, Config, split_hostport
 from balancer.events import Event, EventKind
 from balancer.io.checks import ActiveChecks
 from balancer.io.proxy import (
     ClientConnection,
     ProxyContext,
+    ProxyStats,
     Sweeper,
     access_log_sink,
     rescue_in_flight,
 )
-from balancer.lb.cluster import Backend, Cluster
+from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
+
+if TYPE_CHECKING:
+    from balancer.admin.api import AdminServer, AdminState
+    from balancer.pair.role import BalancerRole, PairRole
 
 log = logging.getLogger("balancer")
+
+# the event each admin state is announced with; a removal announces "draining" itself
+STATE_EVENTS: dict[str, EventKind] = {
+    "enabled": EventKind.ENABLE,
+    "draining": EventKind.DRAIN,
+    "maint": EventKind.MAINT,
+}
 
 # Settings a reload cannot change in a running process (sockets, contexts and check tasks
 # are built from them at start). The admin token file and client CA are re-read per request.
@@ -84,7 +96,11 @@ class RedirectProtocol(asyncio.Protocol):
 
 
 class Balancer:
-    """One balancer process. `start()` brings everything up, `stop()` drains and resigns."""
+    """One balancer process. `start()` brings everything up, `stop()` drains and resigns.
+
+    The pair and the admin API see it only through the small Protocols they declare
+    (balancer.pair.role.PairHost, balancer.admin.api.AdminHost); neither imports this module.
+    """
 
     def __init__(self, cfg: Config, *, clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
@@ -145,11 +161,13 @@ class Balancer:
             )
         self.servers: list[asyncio.Server] = []
         self.listening = False
-        self.role = "standalone"
+        self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
         self.role_detail: dict[str, Any] = {}
         self.tasks: list[asyncio.Task[Any]] = []
-        self.admin: Any = None
-        self.pair: Any = None
+        self.admin: AdminServer | None = None
+        self.pair: PairRole | None = None
+        # set by whoever owns the configuration source (__main__: re-read the flags and file)
+        self.reload_hook: Callable[[], None] | None = None
         self.stopping = False
 
     def _rescue(self, backend: Backend) -> None:
@@ -163,6 +181,13 @@ class Balancer:
         self.events.append(event)
         for listener in list(self.event_listeners):
             listener(event)
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        self.event_listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[Event], None]) -> None:
+        if listener in self.event_listeners:
+            self.event_listeners.remove(listener)
 
     def _emit_named(self, kind: str, backend: str, detail: str) -> None:
         # the cluster and the active checks name kinds by string; an unknown one raises here
@@ -187,7 +212,7 @@ class Balancer:
         if self.cfg.pair.peer:
             from balancer.pair.role import PairRole
 
-            self.pair = PairRole(self)
+            self.pair = PairRole(self.cfg.pair, self)
             await self.pair.start()
         else:
             await self.start_listening()
@@ -261,10 +286,48 @@ class Balancer:
             while backend.idle:
                 backend.idle.pop().close()
 
+    # the pair's view (PairHost) -------------------------------------------------------
+    def healthy_backends(self) -> int:
+        # eligible() first: it refreshes cluster.mode, which a passive (no traffic) never does
+        eligible = len(self.cluster.eligible(self.clock()))
+        return eligible if self.cluster.mode == "normal" else 0
+
+    def report_role(self, role: BalancerRole, reason: str) -> None:
+        old, self.role = self.role, role
+        self.emit(EventKind.ROLE, "", f"{old} -> {role}: {reason}")
+
+    def report_pair_status(self, status: dict[str, Any]) -> None:
+        self.role_detail = status
+
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:
+        if algorithm == self.cluster.algorithm:
+            return
         self.cluster.set_algorithm(algorithm)
         self.emit(EventKind.ALGORITHM, "", algorithm)
+
+    def set_admin_state(
+        self, backend_id: str, state: AdminState, reason: str, kind: EventKind | None = None
+    ) -> str:
+        """Every admin-state change goes through here: set it, re-derive eligibility, emit.
+
+        Returns the backend's state afterwards; KeyError for an unknown backend.
+        """
+        backend = self.cluster.backends[backend_id]
+        previous = backend.admin_state
+        backend.admin_state = state
+        self.cluster.invalidate()
+        event = kind or STATE_EVENTS[state]
+        self.emit(event, backend_id, f"{reason} ({previous} -> {state})")
+        return self.cluster.state_of(backend)
+
+    def set_weight(self, backend_id: str, weight: float, reason: str) -> None:
+        """Change a backend's configured weight; KeyError for an unknown backend."""
+        backend = self.cluster.backends[backend_id]
+        previous = backend.configured_weight
+        backend.set_weight(weight)
+        self.cluster.invalidate()
+        self.emit(EventKind.WEIGHT, backend_id, f"{reason} ({previous:g} -> {weight:g})")
 
     def apply(self, cfg: Config) -> None:
         """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
@@ -305,9 +368,7 @@ class Balancer:
         backend = self.cluster.backends.get(bid)
         if backend is None:
             return
-        backend.admin_state = "draining"
-        self.cluster.invalidate()
-        self.emit(EventKind.DRAINING, bid, "removed")
+        self.set_admin_state(bid, "draining", "removed", EventKind.DRAINING)
 
         async def finish() -> None:
             for _ in range(int(self.cfg.timeouts.shutdown_grace / 0.1) + 1):
@@ -350,7 +411,35 @@ class Balancer:
             first = False
             await asyncio.sleep(self.cfg.discover_interval)
 
-    # views ---------------------------------------------------------------------------
+    # views (AdminHost, MetricsSource) --------------------------------------------------
+    @property
+    def stats(self) -> ProxyStats:
+        return self.ctx.stats
+
+    def state_view(self) -> dict[str, Any]:
+        cluster = self.cluster
+        cluster.eligible(self.clock())  # refresh the cluster mode even without traffic
+        listener: dict[str, Any] = {"configured": self.cfg.listen, "bound": None}
+        if self.listening and self.servers:
+            host, port = self.address
+            listener["bound"] = f"{host}:{port}"
+        listener["tls"] = self.tls_store is not None
+        stats = self.stats
+        return {
+            "algorithm": cluster.algorithm,
+            "algorithms": list(ALGORITHMS),
+            "mode": cluster.mode,
+            "role": self.role,
+            "role_detail": self.role_detail,
+            "listener": listener,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "now": time.time(),
+            "stats": {name: getattr(stats, name) for name in type(stats).__slots__},
+            "backends": self.backend_view(),
+            "latency_bounds": list(LATENCY_BUCKETS),
+            "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],
+        }
+
     def backend_view(self) -> list[dict[str, Any]]:
         cluster = self.cluster
         out = []

@@ -13,17 +13,39 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
-from balancer.events import EventKind
+from balancer.config import PairSettings
 from balancer.pair.driver import ElectionDriver, validate_pair_config
 from balancer.pair.election import ElectionConfig
 from balancer.pair.vip import VirtualIP
 
-if TYPE_CHECKING:
-    from balancer.app import Balancer
-
 log = logging.getLogger("balancer.pair")
+
+# A balancer's role: alone, or one of a pair (the election's "init" is never reported).
+BalancerRole = Literal["standalone", "active", "passive"]
+
+
+class PairHost(Protocol):
+    """What the pair needs from the balancer it runs in (balancer.app.Balancer is one)."""
+
+    @property
+    def listening(self) -> bool: ...
+
+    async def start_listening(self) -> None:
+        """Bind the public listener(s); OSError if the address is taken."""
+
+    async def stop_listening(self) -> None:
+        """Unbind the public listener(s); established connections go on."""
+
+    def healthy_backends(self) -> int:
+        """Backends that can take traffic in normal mode; 0 in backup or panic mode."""
+
+    def report_role(self, role: BalancerRole, reason: str) -> None:
+        """This node's role changed to `role`."""
+
+    def report_pair_status(self, status: dict[str, Any]) -> None:
+        """The pair's latest status, for the admin API and metrics."""
 
 
 def local_address_towards(peer: tuple[str, int]) -> str:
@@ -35,46 +57,47 @@ def local_address_towards(peer: tuple[str, int]) -> str:
 
 
 class PairRole:
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
-        pair = balancer.cfg.pair
-        assert pair.peer and pair.bind
+    """Runs this balancer's side of the pair: the election driver, the VIP, tracking."""
+
+    def __init__(self, settings: PairSettings, host: PairHost) -> None:
+        self.host = host
+        self.settings = settings
+        assert settings.peer and settings.bind
         checked = validate_pair_config(
-            priority=pair.priority,
-            advert_interval=pair.advert_interval,
-            secret_file=pair.secret_file,
-            bind=pair.bind,
-            peer=pair.peer,
+            priority=settings.priority,
+            advert_interval=settings.advert_interval,
+            secret_file=settings.secret_file,
+            bind=settings.bind,
+            peer=settings.peer,
         )
-        self.vip = VirtualIP(pair.vip, pair.vip_interface or "") if pair.vip else None
-        host = checked.bind[0]
-        if host in ("0.0.0.0", "::", ""):
-            host = local_address_towards(checked.peer)
+        self.vip = VirtualIP(settings.vip, settings.vip_interface or "") if settings.vip else None
+        node_host = checked.bind[0]
+        if node_host in ("0.0.0.0", "::", ""):
+            node_host = local_address_towards(checked.peer)
         # ties are broken by address: in local mode both share 127.0.0.1, so add the port
-        node = f"{host}:{checked.bind[1]}" if self.vip is None else host
+        node = f"{node_host}:{checked.bind[1]}" if self.vip is None else node_host
         self.driver = ElectionDriver(
             ElectionConfig(
                 node=node,
-                priority=pair.priority,
-                advert_interval=pair.advert_interval,
-                preempt=pair.preempt,
+                priority=settings.priority,
+                advert_interval=settings.advert_interval,
+                preempt=settings.preempt,
             ),
             bind=checked.bind,
             peer=checked.peer,
             secret=checked.secret,
             on_role_change=self._on_role,
         )
+        self.role: BalancerRole = "passive"  # until the election says otherwise
         self.listen_error = ""
         self.tracker: asyncio.Task[None] | None = None
         self.transitions = 0
 
     async def start(self) -> None:
-        b = self.balancer
-        b.role = "passive"
         if self.vip is not None:
             # a SIGKILLed predecessor leaves the VIP behind
             await self.vip.remove()
-            await b.start_listening()
+            await self.host.start_listening()
         await self.driver.start()
         self.tracker = asyncio.get_running_loop().create_task(self._track())
         self._publish()
@@ -90,8 +113,6 @@ class PairRole:
                 log.error("%s", exc)
 
     async def _on_role(self, role: str, reason: str) -> None:
-        b = self.balancer
-        old = b.role
         if role == "active":
             try:
                 if self.vip is not None:
@@ -108,23 +129,24 @@ class PairRole:
             except OSError as exc:  # both nodes may now answer for the VIP: say so loudly
                 log.error("became passive but still hold the VIP: %s", exc)
         else:
-            await b.stop_listening()
-        b.role = role if role in ("active", "passive") else "passive"
-        if b.role != old:
+            await self.host.stop_listening()
+        old = self.role
+        new: BalancerRole = "active" if role == "active" else "passive"
+        if new != old:
+            self.role = new
             self.transitions += 1
-            b.emit(EventKind.ROLE, "", f"{old} -> {b.role}: {reason}")
-            log.info("role %s -> %s (%s)", old, b.role, reason)
+            log.info("role %s -> %s (%s)", old, new, reason)
+            self.host.report_role(new, reason)
         self._publish()
 
     async def _bind_with_retry(self) -> None:
         """Local mode: the old active may still hold the port for a moment."""
-        b = self.balancer
         last: OSError | None = None
         for _ in range(40):
             if self.driver.role != "active":
                 return
             try:
-                await b.start_listening()
+                await self.host.start_listening()
                 return
             except OSError as exc:
                 last = exc
@@ -134,8 +156,7 @@ class PairRole:
 
     async def _track(self) -> None:
         """Lower our priority when we cannot serve; the election hands over."""
-        b = self.balancer
-        interval = max(0.1, b.cfg.pair.advert_interval)
+        interval = max(0.1, self.settings.advert_interval)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -145,12 +166,10 @@ class PairRole:
 
     async def _track_once(self) -> None:
         """One round of tracking: listener and backends feed the effective priority."""
-        b = self.balancer
-        # eligible() first: it refreshes cluster.mode, which a passive (no traffic) never does
-        eligible = len(b.cluster.eligible(b.clock()))
-        healthy = eligible if b.cluster.mode == "normal" else 0
-        listener_ok = not self.listen_error and (b.role != "active" or b.listening)
-        if b.role == "active" and self.vip is None and not b.listening:
+        host = self.host
+        healthy = host.healthy_backends()
+        listener_ok = not self.listen_error and (self.role != "active" or host.listening)
+        if self.role == "active" and self.vip is None and not host.listening:
             try:
                 await self._bind_with_retry()
                 self.listen_error = ""
@@ -168,4 +187,4 @@ class PairRole:
         if self.listen_error:
             status["listen_error"] = self.listen_error
         status["updated"] = time.time()
-        self.balancer.role_detail = status
+        self.host.report_pair_status(status)
