@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from balancer.pair.election import MAX_PRIORITY, Advert, Role
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("balancer.pair")  # one logger for the subsystem
 
 MAGIC = b"LBEL"
 VERSION = 1
@@ -216,7 +216,7 @@ class AdvertCodec:
         except AdvertError as exc:
             reason = exc.reason
         except Exception:  # a decoder bug must not take the election down
-            log.exception("pair: advert decoding failed")
+            log.exception("advert decoding failed")
             reason = "malformed"
         if reason is not None:
             self.counters[reason] += 1

@@ -33,7 +33,7 @@ from balancer.pair.election import (
     SendAdvert,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("balancer.pair")  # one logger for the subsystem
 
 CALLBACK_DRAIN_TIMEOUT = 5.0  # stop() waits this long for pending on_role_change calls
 
