@@ -9,6 +9,7 @@ import signal
 import sys
 
 from balancer.config import Config, ConfigError, from_args
+from balancer.events import EventKind
 
 GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
@@ -45,14 +46,14 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
             new = from_args(argv)
         except ConfigError as exc:
             logging.getLogger("balancer").error("reload refused, keeping the old config: %s", exc)
-            balancer.emit("reload-refused", "", str(exc))
+            balancer.emit(EventKind.RELOAD_REFUSED, "", str(exc))
             return
         balancer.apply(new)
 
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    balancer.reload_hook = reload  # type: ignore[attr-defined]
+    balancer.reload_hook = reload
     if balancer.listening:
         host, port = balancer.address
         scheme = "https" if balancer.tls_store is not None else "http"

@@ -10,12 +10,12 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from balancer.config import BackendSpec, Config, split_hostport
+from balancer.config import ALGORITHMS, BackendSpec, Config, split_hostport
+from balancer.events import Event, EventKind
 from balancer.http1.client import rescue_in_flight
-from balancer.http1.exchange import ListenerContext, Pool, attach
+from balancer.http1.exchange import ListenerContext, ListenerStats, Pool, attach
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
@@ -23,9 +23,20 @@ from balancer.io.client import ClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.sweeper import Sweeper
 from balancer.io.transport import loop_batch
-from balancer.lb.cluster import Backend, Cluster
+from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
+
+if TYPE_CHECKING:
+    from balancer.admin.api import AdminServer, AdminState
+    from balancer.pair.role import BalancerRole, PairRole
 
 log = logging.getLogger("balancer")
+
+# the event each admin state is announced with; a removal announces "draining" itself
+STATE_EVENTS: dict[str, EventKind] = {
+    "enabled": EventKind.ENABLE,
+    "draining": EventKind.DRAIN,
+    "maint": EventKind.MAINT,
+}
 
 # Settings a reload cannot change in a running process (sockets, contexts and check tasks
 # are built from them at start). The admin token file and client CA are re-read per request.
@@ -42,19 +53,12 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class Event:
-    ts: float
-    kind: str
-    backend: str
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ts": self.ts, "kind": self.kind, "backend": self.backend, "detail": self.detail}
-
-
 class Balancer:
-    """One balancer process. `start()` brings everything up, `stop()` drains and resigns."""
+    """One balancer process. `start()` brings everything up, `stop()` drains and resigns.
+
+    The pair and the admin API see it only through the small Protocols they declare
+    (balancer.pair.role.PairHost, balancer.admin.api.AdminHost); neither imports this module.
+    """
 
     def __init__(self, cfg: Config, *, clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
@@ -73,7 +77,7 @@ class Balancer:
             retries=cfg.retries,
             slow_start=cfg.slow_start,
         )
-        self.cluster.on_event = self.emit
+        self.cluster.on_event = self._emit_named
         self.tls_store: Any = None
         self.backend_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
@@ -114,31 +118,44 @@ class Balancer:
             self.checks = ActiveChecks(
                 self.cluster,
                 cfg.health,
-                self.emit,
+                self._emit_named,
                 self.backend_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
             )
         self.servers: list[asyncio.Server] = []
         self.listening = False
-        self.role = "standalone"
+        self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
         self.role_detail: dict[str, Any] = {}
         self.tasks: list[asyncio.Task[Any]] = []
-        self.admin: Any = None
-        self.pair: Any = None
+        self.admin: AdminServer | None = None
+        self.pair: PairRole | None = None
+        # set by whoever owns the configuration source (__main__: re-read the flags and file)
+        self.reload_hook: Callable[[], None] | None = None
         self.stopping = False
 
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)
         if moved:
-            self.emit("rescued", backend.id, f"{moved} in-flight request(s) moved off it")
+            self.emit(EventKind.RESCUED, backend.id, f"{moved} in-flight request(s) moved off it")
 
     # events --------------------------------------------------------------------------
-    def emit(self, kind: str, backend: str, detail: str) -> None:
+    def emit(self, kind: EventKind, backend: str, detail: str) -> None:
         event = Event(time.time(), kind, backend, detail)
         self.events.append(event)
         for listener in list(self.event_listeners):
             listener(event)
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        self.event_listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[Event], None]) -> None:
+        if listener in self.event_listeners:
+            self.event_listeners.remove(listener)
+
+    def _emit_named(self, kind: str, backend: str, detail: str) -> None:
+        # the cluster and the active checks name kinds by string; an unknown one raises here
+        self.emit(EventKind(kind), backend, detail)
 
     # life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -159,7 +176,7 @@ class Balancer:
         if self.cfg.pair.peer:
             from balancer.pair.role import PairRole
 
-            self.pair = PairRole(self)
+            self.pair = PairRole(self.cfg.pair, self)
             await self.pair.start()
         else:
             await self.start_listening()
@@ -209,7 +226,7 @@ class Balancer:
         if self.stopping:
             return
         self.stopping = True
-        self.emit("shutdown", "", "stopping: draining in-flight requests")
+        self.emit(EventKind.SHUTDOWN, "", "stopping: draining in-flight requests")
         if self.pair is not None:
             await self.pair.stop()
         await self.stop_listening()
@@ -231,10 +248,48 @@ class Balancer:
             await self.admin.stop()
         self.pool.close_idle()
 
+    # the pair's view (PairHost) -------------------------------------------------------
+    def healthy_backends(self) -> int:
+        # eligible() first: it refreshes cluster.mode, which a passive (no traffic) never does
+        eligible = len(self.cluster.eligible(self.clock()))
+        return eligible if self.cluster.mode == "normal" else 0
+
+    def report_role(self, role: BalancerRole, reason: str) -> None:
+        old, self.role = self.role, role
+        self.emit(EventKind.ROLE, "", f"{old} -> {role}: {reason}")
+
+    def report_pair_status(self, status: dict[str, Any]) -> None:
+        self.role_detail = status
+
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:
+        if algorithm == self.cluster.algorithm:
+            return
         self.cluster.set_algorithm(algorithm)
-        self.emit("algorithm", "", algorithm)
+        self.emit(EventKind.ALGORITHM, "", algorithm)
+
+    def set_admin_state(
+        self, backend_id: str, state: AdminState, reason: str, kind: EventKind | None = None
+    ) -> str:
+        """Every admin-state change goes through here: set it, re-derive eligibility, emit.
+
+        Returns the backend's state afterwards; KeyError for an unknown backend.
+        """
+        backend = self.cluster.backends[backend_id]
+        previous = backend.admin_state
+        backend.admin_state = state
+        self.cluster.invalidate()
+        event = kind or STATE_EVENTS[state]
+        self.emit(event, backend_id, f"{reason} ({previous} -> {state})")
+        return self.cluster.state_of(backend)
+
+    def set_weight(self, backend_id: str, weight: float, reason: str) -> None:
+        """Change a backend's configured weight; KeyError for an unknown backend."""
+        backend = self.cluster.backends[backend_id]
+        previous = backend.configured_weight
+        backend.set_weight(weight)
+        self.cluster.invalidate()
+        self.emit(EventKind.WEIGHT, backend_id, f"{reason} ({previous:g} -> {weight:g})")
 
     def apply(self, cfg: Config) -> None:
         """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
@@ -253,13 +308,12 @@ class Balancer:
             existing = cluster.backends.get(bid)
             if existing is None:
                 cluster.add(spec)
-                self.emit("added", bid, "by reload")
+                self.emit(EventKind.ADDED, bid, "by reload")
             else:
                 existing.set_weight(spec.weight)
                 existing.backup = spec.backup
         if cfg.algorithm != cluster.algorithm:
             self.set_algorithm(cfg.algorithm)
-        cluster.hash_key = cfg.hash_key
         self.ctx.reconfigure(cfg)
         self.pool.reconfigure(cfg.limits, cfg.timeouts)
         self.cfg = cfg
@@ -271,15 +325,13 @@ class Balancer:
         detail = "configuration applied"
         if fixed:
             detail += f"; restart needed for: {', '.join(fixed)}"
-        self.emit("reload", "", detail)
+        self.emit(EventKind.RELOAD, "", detail)
 
     def drain_and_remove(self, bid: str) -> None:
         backend = self.cluster.backends.get(bid)
         if backend is None:
             return
-        backend.admin_state = "draining"
-        self.cluster.invalidate()
-        self.emit("draining", bid, "removed")
+        self.set_admin_state(bid, "draining", "removed", EventKind.DRAINING)
 
         async def finish() -> None:
             for _ in range(int(self.cfg.timeouts.shutdown_grace / 0.1) + 1):
@@ -290,7 +342,7 @@ class Balancer:
             self.pool.close_idle(bid)
             if self.checks is not None:
                 self.checks.sync()
-            self.emit("removed", bid, "drained")
+            self.emit(EventKind.REMOVED, bid, "drained")
 
         self.tasks.append(self.loop.create_task(finish()))
 
@@ -307,14 +359,14 @@ class Balancer:
                     )
                 except (OSError, UnicodeError) as exc:
                     if first:
-                        self.emit("discovery", "", f"{host}: no servers yet ({exc})")
+                        self.emit(EventKind.DISCOVERY, "", f"{host}: no servers yet ({exc})")
                     continue
                 for info in infos:
                     addr = str(info[4][0])
                     seen.add(f"{addr}:{port}")
                     if f"{addr}:{port}" not in self.cluster.backends:
                         self.cluster.add(BackendSpec(addr, port), discovered=True)
-                        self.emit("added", f"{addr}:{port}", f"discovered via {host}")
+                        self.emit(EventKind.ADDED, f"{addr}:{port}", f"discovered via {host}")
             for bid, backend in list(self.cluster.backends.items()):
                 if backend.discovered and bid not in seen and backend.admin_state != "draining":
                     self.drain_and_remove(bid)
@@ -323,7 +375,35 @@ class Balancer:
             first = False
             await asyncio.sleep(self.cfg.discover_interval)
 
-    # views ---------------------------------------------------------------------------
+    # views (AdminHost, MetricsSource) --------------------------------------------------
+    @property
+    def stats(self) -> ListenerStats:
+        return self.ctx.stats
+
+    def state_view(self) -> dict[str, Any]:
+        cluster = self.cluster
+        cluster.eligible(self.clock())  # refresh the cluster mode even without traffic
+        listener: dict[str, Any] = {"configured": self.cfg.listen, "bound": None}
+        if self.listening and self.servers:
+            host, port = self.address
+            listener["bound"] = f"{host}:{port}"
+        listener["tls"] = self.tls_store is not None
+        stats = self.stats
+        return {
+            "algorithm": cluster.algorithm,
+            "algorithms": list(ALGORITHMS),
+            "mode": cluster.mode,
+            "role": self.role,
+            "role_detail": self.role_detail,
+            "listener": listener,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "now": time.time(),
+            "stats": {name: getattr(stats, name) for name in type(stats).__slots__},
+            "backends": self.backend_view(),
+            "latency_bounds": list(LATENCY_BUCKETS),
+            "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],
+        }
+
     def backend_view(self) -> list[dict[str, Any]]:
         cluster = self.cluster
         out = []

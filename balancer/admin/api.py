@@ -15,17 +15,16 @@ import ipaddress
 import json
 import logging
 import ssl
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
-from balancer.admin.metrics import make_registry, render
-from balancer.config import ALGORITHMS, split_hostport
-from balancer.lb.cluster import LATENCY_BUCKETS
+from balancer.admin.metrics import MetricsSource, make_registry, render
+from balancer.config import ALGORITHMS, Config, split_hostport
+from balancer.events import Event, EventKind
 
 log = logging.getLogger("balancer.admin")
 
@@ -39,6 +38,43 @@ MAX_BODY = 4096
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+AdminState = Literal["enabled", "draining", "maint"]
+ACTIONS: dict[str, AdminState] = {"drain": "draining", "enable": "enabled", "maint": "maint"}
+
+
+class AdminHost(MetricsSource, Protocol):
+    """What the admin API needs from the balancer (balancer.app.Balancer is one)."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def events(self) -> Sequence[Event]:
+        """The recent events, oldest first."""
+
+    @property
+    def reload_hook(self) -> Callable[[], None] | None:
+        """Re-reads the configuration and applies it; None without a configuration source."""
+
+    def state_view(self) -> dict[str, Any]:
+        """The balancer's state for /api/state, without the events."""
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None: ...
+
+    def unsubscribe(self, listener: Callable[[Event], None]) -> None: ...
+
+    def set_admin_state(self, backend_id: str, state: AdminState, reason: str) -> str:
+        """Set it, re-derive eligibility, emit the event; returns the backend's state.
+
+        KeyError for an unknown backend, as in set_weight.
+        """
+
+    def set_weight(self, backend_id: str, weight: float, reason: str) -> None:
+        """Change a backend's configured weight and emit the event."""
+
+    def set_algorithm(self, algorithm: str) -> None:
+        """Switch the algorithm (no-op when unchanged)."""
 
 
 class AdminError(Exception):
@@ -128,6 +164,10 @@ def _json(data: Any, compact: bool = False) -> str:
     return json.dumps(data, indent=1, default=str)
 
 
+def _unknown_backend(bid: str) -> AdminError:
+    return AdminError(404, f"unknown backend {bid!r}")
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -164,9 +204,9 @@ class SSEClient:
 
 # the server -----------------------------------------------------------------------------
 class AdminServer:
-    """Runs the admin listener of one Balancer (typed loosely to avoid an import cycle)."""
+    """Runs the admin listener of one balancer."""
 
-    def __init__(self, balancer: Any) -> None:
+    def __init__(self, balancer: AdminHost) -> None:
         self.balancer = balancer
         self.registry = make_registry(balancer)
         self.runner: web.AppRunner | None = None
@@ -214,7 +254,9 @@ class AdminServer:
         return app
 
     async def start(self) -> None:
-        host, port = split_hostport(self.balancer.cfg.admin.listen, "admin")
+        listen = self.balancer.cfg.admin.listen
+        assert listen is not None  # the balancer starts its admin server only when set
+        host, port = split_hostport(listen, "admin")
         self.runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)
@@ -223,12 +265,11 @@ class AdminServer:
         scheme = "https" if self.ssl_context is not None else "http"
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"{scheme}://{shown}:{bound_port}"
-        self.balancer.event_listeners.append(self._on_event)
+        self.balancer.subscribe(self._on_event)
         self.ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.balancer.event_listeners.remove(self._on_event)
+        self.balancer.unsubscribe(self._on_event)
         if self.ticker is not None:
             self.ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,40 +316,19 @@ class AdminServer:
         except (ValueError, UnicodeDecodeError):
             raise AdminError(400, "body is not valid JSON") from None
 
-    def _backend(self, request: web.Request) -> Any:
+    def _backend_id(self, request: web.Request) -> str:
         bid = request.match_info["id"]
-        backend = self.balancer.cluster.backends.get(bid)
-        if backend is None:
-            raise AdminError(404, f"unknown backend {bid!r}")
-        return backend
+        if bid not in self.balancer.cluster.backends:
+            raise _unknown_backend(bid)
+        return bid
 
     # views ----------------------------------------------------------------------------
     def snapshot(self, events: int = EVENTS_IN_STATE) -> dict[str, Any]:
         bal = self.balancer
-        cluster = bal.cluster
-        cluster.eligible(bal.clock())  # refresh the cluster mode even without traffic
-        listener: dict[str, Any] = {"configured": bal.cfg.listen, "bound": None}
-        if bal.listening and bal.servers:
-            host, port = bal.address
-            listener["bound"] = f"{host}:{port}"
-        listener["tls"] = bal.tls_store is not None
-        stats = bal.ctx.stats
+        state = bal.state_view()
         tail = list(bal.events)[-events:] if events else []
-        return {
-            "algorithm": cluster.algorithm,
-            "algorithms": list(ALGORITHMS),
-            "mode": cluster.mode,
-            "role": bal.role,
-            "role_detail": bal.role_detail,
-            "listener": listener,
-            "uptime_s": round(time.time() - bal.started_at, 3),
-            "now": time.time(),
-            "stats": {name: getattr(stats, name) for name in type(stats).__slots__},
-            "backends": bal.backend_view(),
-            "latency_bounds": list(LATENCY_BUCKETS),
-            "certificates": bal.tls_store.cert_info() if bal.tls_store is not None else [],
-            "events": [e.as_dict() for e in reversed(tail)],  # newest first
-        }
+        state["events"] = [e.as_dict() for e in reversed(tail)]  # newest first
+        return state
 
     # handlers -------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -341,32 +361,25 @@ class AdminServer:
 
     async def backend_action(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        backend = self._backend(request)
-        action = request.match_info["action"]
-        admin_state = {"drain": "draining", "enable": "enabled", "maint": "maint"}[action]
-        previous = backend.admin_state
-        backend.admin_state = admin_state
-        self.balancer.cluster.invalidate()
-        self.balancer.emit(action, backend.id, f"by admin ({previous} -> {admin_state})")
-        return web.json_response(
-            {"id": backend.id, "admin_state": admin_state, "state": self._state_of(backend)}
-        )
+        bid = self._backend_id(request)
+        admin_state = ACTIONS[request.match_info["action"]]
+        state = self.balancer.set_admin_state(bid, admin_state, "by admin")
+        return web.json_response({"id": bid, "admin_state": admin_state, "state": state})
 
     async def backend_weight(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        backend = self._backend(request)
+        bid = self._backend_id(request)
         weight = parse_weight(await self._body(request))
-        previous = backend.configured_weight
-        backend.set_weight(weight)
-        self.balancer.cluster.invalidate()
-        self.balancer.emit("weight", backend.id, f"by admin ({previous:g} -> {weight:g})")
-        return web.json_response({"id": backend.id, "weight": weight})
+        try:
+            self.balancer.set_weight(bid, weight, "by admin")
+        except KeyError:  # removed while the body was read
+            raise _unknown_backend(bid) from None
+        return web.json_response({"id": bid, "weight": weight})
 
     async def algorithm(self, request: web.Request) -> web.Response:
         self._authorize(request)
         name = parse_algorithm(await self._body(request))
-        if name != self.balancer.cluster.algorithm:
-            self.balancer.set_algorithm(name)
+        self.balancer.set_algorithm(name)
         return web.json_response({"algorithm": name})
 
     async def reload(self, request: web.Request) -> web.Response:
@@ -380,16 +393,12 @@ class AdminServer:
         for event in reversed(self.balancer.events):
             if event is mark:
                 break
-            if event.kind == "reload-refused":
+            if event.kind == EventKind.RELOAD_REFUSED:
                 raise AdminError(400, f"reload refused: {event.detail}")
         return web.json_response({"reloaded": True})
 
-    def _state_of(self, backend: Any) -> str:
-        state: str = self.balancer.cluster.state_of(backend)
-        return state
-
     # SSE --------------------------------------------------------------------------------
-    def _on_event(self, event: Any) -> None:
+    def _on_event(self, event: Event) -> None:
         if not self.clients:
             return
         data = _json(event.as_dict(), compact=True)

@@ -1,6 +1,6 @@
 """Prometheus exposition for one balancer, read from its plain-int counters at scrape time.
 
-The data path only bumps ints on Backend/ProxyStats; this collector turns them
+The data path only bumps ints on Backend/ListenerStats; this collector turns them
 into metric families when /metrics is scraped, so requests never touch
 prometheus_client objects.
 """
@@ -26,21 +26,40 @@ ROLES = ("standalone", "active", "passive")
 MODES = ("normal", "backup", "panic", "none")
 
 
-class _PoolLike(Protocol):
+class _ClusterView(Protocol):
     backends: dict[str, Backend]
     mode: str
 
     def state_of(self, backend: Backend) -> str: ...
 
 
-class _BalancerLike(Protocol):
-    """The parts of server.Balancer the collector reads."""
+class _Stats(Protocol):
+    connections_total: int
+    connections_open: int
+    tls_handshakes: int
+    requests_total: int
+    bad_requests: int
+    overload_rejections: int
+    timeouts: int
 
-    cluster: Any
-    ctx: Any
-    role: str
-    role_detail: dict[str, Any]
-    started_at: float
+
+class MetricsSource(Protocol):
+    """What the collector reads at scrape time (balancer.app.Balancer is one)."""
+
+    @property
+    def cluster(self) -> _ClusterView: ...
+
+    @property
+    def stats(self) -> _Stats: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def role_detail(self) -> dict[str, Any]: ...
+
+    @property
+    def started_at(self) -> float: ...
 
 
 def histogram_buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
@@ -57,7 +76,7 @@ def histogram_buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tupl
 class BalancerCollector(Collector):
     """Yields every `lb_*` family from one balancer's live counters."""
 
-    def __init__(self, balancer: _BalancerLike) -> None:
+    def __init__(self, balancer: MetricsSource) -> None:
         self.balancer = balancer
 
     def collect(self) -> Iterator[Metric]:
@@ -65,7 +84,7 @@ class BalancerCollector(Collector):
         yield from self._overall_metrics()
 
     def _backend_metrics(self) -> Iterator[Metric]:
-        cluster: _PoolLike = self.balancer.cluster
+        cluster = self.balancer.cluster
         requests = CounterMetricFamily(
             "lb_backend_requests", "Requests sent to the backend", labels=["backend"]
         )
@@ -131,7 +150,7 @@ class BalancerCollector(Collector):
 
     def _overall_metrics(self) -> Iterator[Metric]:
         bal = self.balancer
-        stats = bal.ctx.stats
+        stats = bal.stats
         for name, doc, value in (
             ("lb_connections", "Client connections accepted", stats.connections_total),
             ("lb_tls_handshakes", "Completed client TLS handshakes", stats.tls_handshakes),
@@ -165,7 +184,7 @@ class BalancerCollector(Collector):
         )
 
 
-def make_registry(balancer: _BalancerLike) -> CollectorRegistry:
+def make_registry(balancer: MetricsSource) -> CollectorRegistry:
     """A registry of its own per balancer: tests run several in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BalancerCollector(balancer))

@@ -150,7 +150,6 @@ class Cluster:
         self.unbudgeted = 0  # requests not yet reported to the retry budget
         self.scheduler: Scheduler = make_scheduler(algorithm, rng)
         self.algorithm = algorithm
-        self.hash_key = hash_key
         self.mode = "none"
         self._mode_known = False
         self._eligible: list[Backend] = []

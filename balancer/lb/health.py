@@ -26,7 +26,6 @@ __all__ = [
     "SlowStart",
     "Transition",
     "eligible",
-    "member_state",
 ]
 
 # Backend state vocabulary shared with the admin API.
@@ -185,11 +184,9 @@ class OutlierDetector:
     seconds capped at ``max_ejection`` and expires by time (or early through
     ``uneject`` when an active check succeeds). The multiplier does not decay.
 
-    Healthy-host accounting: ``is_healthy`` (optional) tells whether a backend's
-    active check is up; ejecting is refused when it would exceed
-    ``max_ejection_percent`` of the tracked backends or leave no backend that is
-    both healthy and not ejected. The refused failure keeps its counter, so the
-    next failure tries again.
+    Ejecting is refused when it would exceed ``max_ejection_percent`` of the
+    tracked backends or leave no other backend that is not ejected. The refused
+    failure keeps its counter, so the next failure tries again.
     """
 
     def __init__(
@@ -199,8 +196,6 @@ class OutlierDetector:
         base_ejection: float = 5.0,
         max_ejection: float = 60.0,
         max_ejection_percent: float = 50,
-        *,
-        is_healthy: Callable[[str], bool] | None = None,
     ) -> None:
         _at_least_one("consecutive_failures", consecutive_failures)
         _at_least_one("consecutive_5xx", consecutive_5xx)
@@ -219,7 +214,6 @@ class OutlierDetector:
         self.base_ejection = base_ejection
         self.max_ejection = max_ejection
         self.max_ejection_percent = max_ejection_percent
-        self._is_healthy = is_healthy
         self._hosts: dict[str, _Outlier] = {}
 
     def add(self, target_id: str) -> None:
@@ -265,11 +259,11 @@ class OutlierDetector:
 
     def _may_eject(self, target_id: str, now: float) -> bool:
         ejected = 0
-        serving = 0  # healthy, not ejected, other than the candidate
+        serving = 0  # not ejected, other than the candidate
         for other_id in self._hosts:
             if self.is_ejected(other_id, now):
                 ejected += 1
-            elif other_id != target_id and (self._is_healthy is None or self._is_healthy(other_id)):
+            elif other_id != target_id:
                 serving += 1
         if serving == 0:
             return False
@@ -462,16 +456,3 @@ def eligible(members: Sequence[M], ejected: Callable[[str], bool]) -> tuple[list
     if enabled_backups:
         return enabled_backups, "panic"
     return [], "none"
-
-
-def member_state(admin_state: str, check_up: bool, ejected: bool, in_flight: int) -> str:
-    """One word from STATES for the admin API; admin state wins over health."""
-    if admin_state == "maint":
-        return "maint"
-    if admin_state == "draining":
-        return "draining" if in_flight > 0 else "drained"
-    if not check_up:
-        return "down"
-    if ejected:
-        return "ejected"
-    return "up"

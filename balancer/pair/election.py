@@ -1,8 +1,9 @@
 """Active/passive election for a pair of balancers: a pure (sans-I/O) state machine.
 
-VRRP-style, like keepalived, but between exactly two peers over unicast. No sockets, no clock
+Modelled on keepalived's election, but between exactly two peers over unicast and with an
+advert of our own (balancer.pair.advert), not keepalived's wire protocol. No sockets, no clock
 reads: every input carries ``now`` (monotonic seconds) and every output is an Action for the
-driver (balancer.vrrp.ElectionDriver) to carry out.
+driver (balancer.pair.driver.ElectionDriver) to carry out.
 
 Rules this machine keeps:
 
@@ -10,14 +11,14 @@ Rules this machine keeps:
 2. Both roles send an advert every interval. Only an *active* advert resets a passive's
    master-down timer; passive adverts just tell the active who is there (priority, backends).
 3. master-down time = 3 x interval + skew, skew = (256 - effective priority) / 256 x interval.
-   The interval is the active peer's advertised one once seen (as VRRPv3), else our own.
+   The interval is the active peer's advertised one once seen (as keepalived does), else our own.
 4. A passive with no active advert for master-down time becomes active.
 5. Active vs active (split brain, start-up race, healed partition, resumed SIGSTOP): the lower
    (priority, address) steps down on the first advert it sees; the higher one answers every
    such advert at once, so one advert exchange settles it.
-6. Preempt (default on) compares priorities only, strictly, as VRRP does: a passive takes over
-   from a peer of lower priority; an active hands over to a passive peer of higher priority.
-   Equal priorities never preempt; the address breaks ties only between two actives.
+6. Preempt (default on) compares priorities only, strictly, as keepalived does: a passive
+   takes over from a peer of lower priority; an active hands over to a passive peer of higher
+   priority. Equal priorities never preempt; the address breaks ties only between two actives.
 7. Priority 0 in an advert means "resign": the passive takes over *at once*, not after skew as
    keepalived does; with only two nodes there is no other passive to race, so waiting buys
    nothing and a clean stop fails over in about one one-way network delay. A voluntary handover
@@ -47,7 +48,7 @@ DEFAULT_TRACK_PENALTY = 100  # must exceed the pair's priority gap to force a ha
 
 
 def address_key(node: str) -> tuple[int, int, int, str]:
-    """Sortable key for tie-breaks: numeric IP (then port), like VRRP; plain text otherwise."""
+    """Sortable key for tie-breaks: numeric IP (then port) as keepalived; plain text otherwise."""
     host, port = node, 0
     if node.startswith("["):  # "[v6]:port"
         host, _, rest = node[1:].partition("]")

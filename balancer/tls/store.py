@@ -1,7 +1,7 @@
 """TLS termination for the listener: certificate store with SNI selection and hot reload.
 
-The listener passes `store.context` to `loop.create_server(..., ssl=store.context,
-ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)` (asyncio or uvloop). That front context has an
+The listener passes `store.context` to `loop.create_server(..., ssl=store.context)`
+(asyncio or uvloop). That front context has an
 `sni_callback` which, on every ClientHello (OpenSSL calls it with or without SNI), switches
 the connection to the *current* per-certificate context. A reload builds complete new
 per-certificate contexts and swaps the list in one assignment, so new handshakes get the new
@@ -28,11 +28,6 @@ from typing import Any, TypeAlias
 from cryptography import x509
 
 log = logging.getLogger(__name__)
-
-HANDSHAKE_TIMEOUT_S = 5.0
-"""Recommended `ssl_handshake_timeout` for `loop.create_server`: long enough for a slow
-mobile client's full handshake, short enough that half-open TLS connections (a cheap DoS)
-are dropped quickly. asyncio's default is 60 s."""
 
 # TLS 1.2 only: forward secrecy + AEAD. TLS 1.3 suites are AEAD by construction.
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -326,14 +321,3 @@ def client_context(
         except (OSError, ssl.SSLError) as exc:
             raise TLSConfigError(f"client certificate {cert}: {_reason(exc)}") from None
     return ctx
-
-
-def tls_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str, str]:
-    """(protocol version, cipher name) of an established connection, "" when unknown.
-
-    Pass `transport.get_extra_info("ssl_object")`.
-    """
-    if ssl_object is None:
-        return "", ""
-    cipher = ssl_object.cipher()
-    return ssl_object.version() or "", cipher[0] if cipher else ""

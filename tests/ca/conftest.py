@@ -6,6 +6,7 @@ Only fixtures (no `from conftest import`): several conftest.py files share that 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +15,19 @@ from typing import TypeAlias
 
 import pytest
 
-from balancer.tls.store import HANDSHAKE_TIMEOUT_S, CertStore, tls_facts
+from balancer.tls.store import CertStore
 
 REPO = Path(__file__).resolve().parents[2]
 IO_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0
+
+
+def _facts(sslobj: ssl.SSLObject | None) -> tuple[str, str]:
+    """(TLS version, cipher) of the connection, for the response body."""
+    if sslobj is None:
+        return "", ""
+    cipher = sslobj.cipher()
+    return sslobj.version() or "", cipher[0] if cipher else ""
 
 
 CLI: TypeAlias = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -51,7 +61,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     """One HTTP/1.1 response per connection; the body is '<version> <cipher>'."""
     try:
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
-        body = (" ".join(tls_facts(writer.get_extra_info("ssl_object"))) + "\n").encode()
+        body = (" ".join(_facts(writer.get_extra_info("ssl_object"))) + "\n").encode()
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (len(body), body)
@@ -70,7 +80,7 @@ async def tls_server() -> AsyncIterator[Callable[[CertStore], Awaitable[int]]]:
 
     async def start(store: CertStore) -> int:
         server = await asyncio.start_server(
-            _handle, "127.0.0.1", 0, ssl=store.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            _handle, "127.0.0.1", 0, ssl=store.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
         )
         servers.append(server)
         port: int = server.sockets[0].getsockname()[1]

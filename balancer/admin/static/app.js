@@ -6,10 +6,12 @@ const COLORS = ["#2d6cdf", "#1f9d55", "#e8833a", "#7b5cc4", "#d64545", "#17a2b8"
 const CHART_SECONDS = 120;
 const LATENCY_WINDOW = 10;
 const SMOOTH = 3;  // chart steps averaged per point
+// Every kind the balancer emits (balancer/events.py EventKind), and its colour; "" is plain.
 const EVENT_CLASS = {
-  ejected: "bad", down: "bad", "reload-refused": "bad", "pool-mode": "bad", failed: "bad",
+  ejected: "bad", down: "bad", "reload-refused": "bad", "pool-mode": "bad",
   up: "good", recovered: "good", enable: "admin", drain: "admin", maint: "admin",
   weight: "admin", algorithm: "admin", reload: "admin", role: "admin",
+  added: "", draining: "", removed: "", rescued: "", discovery: "", shutdown: "",
 };
 
 const $ = (id) => document.getElementById(id);

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import pytest
 
 from balancer.lb.health import (
-    STATES,
     CheckConfig,
     HealthChecker,
     OutlierDetector,
@@ -15,7 +14,6 @@ from balancer.lb.health import (
     SlowStart,
     Transition,
     eligible,
-    member_state,
 )
 
 # --- CheckConfig ------------------------------------------------------------------------------
@@ -244,19 +242,6 @@ def test_never_ejects_the_last_healthy_backend() -> None:
     assert od.on_failure("b", "connect", 1.0) is not None
 
 
-def test_last_healthy_uses_active_check_state() -> None:
-    down = {"b"}
-    od = OutlierDetector(
-        consecutive_failures=1, max_ejection_percent=100, is_healthy=lambda i: i not in down
-    )
-    for i in ("a", "b"):
-        od.add(i)
-    # "b" fails its active check, so "a" is the only healthy backend left.
-    assert od.on_failure("a", "connect", 0.0) is None
-    down.clear()
-    assert od.on_failure("a", "connect", 0.1) is not None
-
-
 def test_single_backend_is_never_ejected() -> None:
     od = cluster("only", consecutive_failures=1, max_ejection_percent=100)
     for i in range(5):
@@ -468,20 +453,3 @@ def test_eligible_with_outlier_detector_and_checker() -> None:
     members = [M("p1"), M("p2")]
     assert ids(eligible(members, lambda i: od.is_ejected(i, 1.0))) == (["p2"], "normal")
     assert ids(eligible(members, lambda i: od.is_ejected(i, 60.0))) == (["p1", "p2"], "normal")
-
-
-@pytest.mark.parametrize(
-    ("args", "state"),
-    [
-        (("enabled", True, False, 0), "up"),
-        (("enabled", False, False, 0), "down"),
-        (("enabled", False, True, 0), "down"),
-        (("enabled", True, True, 3), "ejected"),
-        (("draining", True, False, 2), "draining"),
-        (("draining", True, False, 0), "drained"),
-        (("maint", False, True, 5), "maint"),
-    ],
-)
-def test_member_state(args: tuple[str, bool, bool, int], state: str) -> None:
-    assert member_state(*args) == state
-    assert state in STATES

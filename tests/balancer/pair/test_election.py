@@ -168,7 +168,7 @@ def test_active_advert_resets_master_down_timer_using_peer_interval() -> None:
     e.tick(0.2)
     e.tick(0.4)
     e.on_advert(Advert("10.0.0.2", 200, 0.5, "active"), 0.5)
-    expected = 0.5 + master_down(100, 0.5)  # the peer's interval, as VRRPv3
+    expected = 0.5 + master_down(100, 0.5)  # the peer's advertised interval, as keepalived uses
     ticks: list[float] = []
     while e.role == "passive" and len(ticks) < 20:
         ticks.append(e.next_deadline())

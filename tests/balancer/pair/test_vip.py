@@ -1,6 +1,8 @@
-"""The VIP's gratuitous ARP frame, and add/remove over netlink in a namespace we create."""
+"""The VIP: its ARP frame and netlink message, remove() errors, add/remove in a namespace."""
 
 import asyncio
+import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -9,7 +11,7 @@ import uuid
 
 import pytest
 
-from balancer.pair.role import VirtualIP, gratuitous_arp
+from balancer.pair.vip import IPInterface, VirtualIP, gratuitous_arp
 
 
 def test_gratuitous_arp_frame_announces_ip_at_mac() -> None:
@@ -31,8 +33,8 @@ needs_netns = pytest.mark.skipif(
 )
 
 
-def _run_in(ns: str, code: str) -> None:
-    """Run Python code inside the namespace, as the balancer would run there."""
+def _run_in(ns: str, code: str) -> str:
+    """Run Python code inside the namespace, as the balancer would run there; its stderr."""
     out = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", code],
         capture_output=True,
@@ -41,6 +43,7 @@ def _run_in(ns: str, code: str) -> None:
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert out.returncode == 0, out.stderr
+    return out.stderr
 
 
 def _addresses(ns: str, ifname: str) -> str:
@@ -59,7 +62,7 @@ def test_vip_add_and_remove_inside_a_namespace() -> None:
     try:
         code = (
             "import asyncio, uvloop\n"  # production runs on uvloop
-            "from balancer.pair.role import VirtualIP\n"
+            "from balancer.pair.vip import VirtualIP\n"
             "async def main():\n"
             "    v = VirtualIP('10.77.0.100/24', 'dum0')\n"
             "    await v.add()\n"
@@ -83,17 +86,87 @@ def test_vip_add_and_remove_inside_a_namespace() -> None:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def test_remove_of_an_absent_vip_is_quiet() -> None:
-    # at startup a passive removes a VIP it does not hold: that must not raise
+class FakeLink:
+    """An interface's address set behind the netlink call, answering as the kernel does."""
+
+    def __init__(self, *addresses: str, fail: int | None = None) -> None:
+        self.addresses = set(addresses)
+        self.fail = fail  # an errno every call fails with (e.g. EPERM without CAP_NET_ADMIN)
+        self.calls: list[str] = []
+
+    def __call__(self, op: str, interface: str, iface: IPInterface) -> None:
+        self.calls.append(op)
+        if self.fail is not None:
+            raise OSError(self.fail, os.strerror(self.fail))
+        if op == "del":
+            if str(iface) not in self.addresses:
+                raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+            self.addresses.discard(str(iface))
+        else:
+            self.addresses.add(str(iface))
+
+
+def test_remove_of_an_absent_vip_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    # at startup a passive removes a VIP it does not hold: the kernel says EADDRNOTAVAIL
+    link = FakeLink("10.77.0.5/24")
+    v = VirtualIP("10.77.0.100/24", "eth0", netlink=link)
+    with caplog.at_level(logging.DEBUG, logger="balancer"):
+        asyncio.run(v.remove())
+    assert link.calls == ["del"]
+    assert link.addresses == {"10.77.0.5/24"}
+    assert [r for r in caplog.records if r.name.startswith("balancer")] == []
+
+
+def test_remove_of_a_held_vip_deletes_it() -> None:
+    link = FakeLink("10.77.0.5/24", "10.77.0.100/24")
+    asyncio.run(VirtualIP("10.77.0.100/24", "eth0", netlink=link).remove())
+    assert link.addresses == {"10.77.0.5/24"}
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.ENODEV, errno.ENXIO])
+def test_remove_surfaces_every_other_error(err: int) -> None:
+    # e.g. no CAP_NET_ADMIN or a wrong interface: this node cannot give the VIP up
+    v = VirtualIP("10.77.0.100/24", "eth0", netlink=FakeLink(fail=err))
+    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from eth0") as exc:
+        asyncio.run(v.remove())
+    assert exc.value.errno == err
+
+
+def test_remove_on_a_missing_interface_raises() -> None:
+    # the real netlink path: the name lookup fails before any message is sent
     v = VirtualIP("10.77.0.100/24", "no-such-if0")
-    asyncio.run(v.remove())
+    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from no-such-if0"):
+        asyncio.run(v.remove())
+
+
+@needs_netns
+def test_remove_of_an_absent_vip_inside_a_namespace_changes_nothing() -> None:
+    ns = f"lbvip-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", "10.77.0.5/24", "dev", "lo"],
+            check=True,
+        )
+        before = _addresses(ns, "lo")
+        code = (
+            "import asyncio, logging\n"
+            "from balancer.pair.vip import VirtualIP\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "asyncio.run(VirtualIP('10.77.0.100/24', 'lo').remove())\n"
+        )
+        assert _run_in(ns, code) == ""  # nothing raised, nothing logged
+        assert _addresses(ns, "lo") == before
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_netlink_message_matches_ip_addr_replace() -> None:
     import ipaddress
     import struct
 
-    from balancer.pair.role import netlink_addr_message
+    from balancer.pair.vip import netlink_addr_message
 
     msg = netlink_addr_message("add", 7, ipaddress.ip_interface("172.28.0.100/24"))
     length, mtype, flags, _seq, _pid = struct.unpack_from("=IHHII", msg)
