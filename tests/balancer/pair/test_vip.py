@@ -130,13 +130,18 @@ def test_remove_surfaces_every_other_error(err: int) -> None:
     with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from eth0") as exc:
         asyncio.run(v.remove())
     assert exc.value.errno == err
+    assert (
+        str(exc.value)
+        == f"[Errno {err}] cannot remove 10.77.0.100/24 from eth0: {os.strerror(err)}"
+    )
 
 
 def test_remove_on_a_missing_interface_raises() -> None:
     # the real netlink path: the name lookup fails before any message is sent
     v = VirtualIP("10.77.0.100/24", "no-such-if0")
-    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from no-such-if0"):
+    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from no-such-if0") as exc:
         asyncio.run(v.remove())
+    assert str(exc.value).endswith("from no-such-if0: no interface with this name")
 
 
 @needs_netns
