@@ -103,10 +103,11 @@ class PairRole:
         self._publish()
 
     async def stop(self) -> None:
+        started = self.tracker is not None  # a start that failed added no VIP
         if self.tracker is not None:
             self.tracker.cancel()
         await self.driver.stop(resign=True)
-        if self.vip is not None:
+        if self.vip is not None and started:
             try:
                 await self.vip.remove()
             except OSError as exc:  # stopping anyway; the log says the VIP stayed behind

@@ -68,6 +68,12 @@ def gratuitous_arp(interface: str, mac: bytes, ip: bytes) -> bytes:
     return eth + arp
 
 
+def _named(exc: OSError, what: str) -> OSError:
+    """One line that says what failed and why; the errno is kept for callers that test it."""
+    message = f"{what}: {exc.strerror or exc}"
+    return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
+
+
 class VirtualIP:
     """Adds/removes ADDR/PREFIX on an interface and announces it (``netlink`` for tests)."""
 
@@ -81,7 +87,7 @@ class VirtualIP:
         try:
             self._netlink("add", self.interface, self.iface)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot add {self.cidr} to {self.interface}: {exc}") from None
+            raise _named(exc, f"cannot add {self.cidr} to {self.interface}") from None
         if self.iface.version == 4:
             self.announce()
             # a second copy, as arping -c 2 does, in case the first one is lost
@@ -113,6 +119,4 @@ class VirtualIP:
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:  # the kernel's "address not there"
                 return
-            raise OSError(
-                exc.errno, f"cannot remove {self.cidr} from {self.interface}: {exc}"
-            ) from None
+            raise _named(exc, f"cannot remove {self.cidr} from {self.interface}") from None

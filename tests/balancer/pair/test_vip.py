@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -130,13 +131,18 @@ def test_remove_surfaces_every_other_error(err: int) -> None:
     with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from eth0") as exc:
         asyncio.run(v.remove())
     assert exc.value.errno == err
+    assert (
+        str(exc.value)
+        == f"[Errno {err}] cannot remove 10.77.0.100/24 from eth0: {os.strerror(err)}"
+    )
 
 
 def test_remove_on_a_missing_interface_raises() -> None:
     # the real netlink path: the name lookup fails before any message is sent
     v = VirtualIP("10.77.0.100/24", "no-such-if0")
-    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from no-such-if0"):
+    with pytest.raises(OSError, match=r"cannot remove 10\.77\.0\.100/24 from no-such-if0") as exc:
         asyncio.run(v.remove())
+    assert str(exc.value).endswith("from no-such-if0: no interface with this name")
 
 
 @needs_netns
@@ -180,3 +186,20 @@ def test_netlink_message_matches_ip_addr_replace() -> None:
     assert msg[32:40] == struct.pack("=HH", 8, 1) + bytes([172, 28, 0, 100])
     delete = netlink_addr_message("del", 7, ipaddress.ip_interface("172.28.0.100/24"))
     assert struct.unpack_from("=IHH", delete)[1:] == (21, 0x1 | 0x4)  # RTM_DELADDR
+
+
+def test_a_vip_that_cannot_be_removed_stops_the_start(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    argv = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
+    argv += ["--peer", "127.0.0.1:47811", "--bind-election", "127.0.0.1:47812"]
+    argv += ["--secret-file", str(secret), "--vip", "10.77.0.100/24"]
+    argv += ["--vip-interface", "no-such-if0"]
+    out = subprocess.run(
+        [sys.executable, "-m", "balancer", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "balancer: cannot start: cannot remove 10.77.0.100/24 from no-such-if0: "
+        "no interface with this name"
+    ]
