@@ -70,14 +70,13 @@ class Balancer:
         self.cluster = Cluster(
             cfg.backends,
             cfg.algorithm,
-            cfg.hash_key,
             clock=self.clock,
             rng=random.Random(),
             outlier=cfg.outlier,
             retries=cfg.retries,
             slow_start=cfg.slow_start,
         )
-        self.cluster.on_event = self._emit_named
+        self.cluster.on_event = self.emit
         self.tls_store: Any = None
         self.backend_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
@@ -118,7 +117,7 @@ class Balancer:
             self.checks = ActiveChecks(
                 self.cluster,
                 cfg.health,
-                self._emit_named,
+                self.emit,
                 self.backend_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
@@ -152,10 +151,6 @@ class Balancer:
     def unsubscribe(self, listener: Callable[[Event], None]) -> None:
         if listener in self.event_listeners:
             self.event_listeners.remove(listener)
-
-    def _emit_named(self, kind: str, backend: str, detail: str) -> None:
-        # the cluster and the active checks name kinds by string; an unknown one raises here
-        self.emit(EventKind(kind), backend, detail)
 
     # life cycle -------------------------------------------------------------------------
     async def start(self) -> None:

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable
 
 from balancer.config import HealthSettings
+from balancer.events import EventKind
 from balancer.lb.cluster import Backend, Cluster
 from balancer.lb.health import CheckConfig, HealthChecker
 
@@ -65,7 +66,7 @@ class ActiveChecks:
         self,
         cluster: Cluster,
         settings: HealthSettings,
-        emit: Callable[[str, str, str], None],
+        emit: Callable[[EventKind, str, str], None],
         ssl_ctx: ssl.SSLContext | None = None,
         server_name: str | None = None,
         on_down: Callable[[Backend], None] | None = None,
@@ -130,7 +131,7 @@ class ActiveChecks:
                 if cluster.outlier.is_ejected(backend.id, now):
                     cluster.outlier.uneject(backend.id)
                     cluster.invalidate()
-                    self.emit("recovered", backend.id, "ejection lifted by a passing check")
+                    self.emit(EventKind.RECOVERED, backend.id, "ejection lifted by a passing check")
             transition = checker.on_result(ok, now, detail)
             # a timeout already waited a whole check timeout: confirm at once, not later
             delay = 0.0 if detail == "timeout" and checker.up else checker.next_delay()
@@ -138,7 +139,7 @@ class ActiveChecks:
                 backend.check_up = checker.up
                 backend.up_since = now if checker.up else None
                 cluster.invalidate()
-                self.emit("up" if checker.up else "down", backend.id, detail)
+                self.emit(EventKind.UP if checker.up else EventKind.DOWN, backend.id, detail)
                 log.info(
                     "backend %s is %s (%s)", backend.id, "up" if checker.up else "down", detail
                 )

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable, Iterable
 
 from balancer.config import BackendSpec, OutlierSettings, RetrySettings
+from balancer.events import EventKind
 from balancer.lb.algorithms import Scheduler, make_scheduler
 from balancer.lb.health import OutlierDetector, RetryBudget, SlowStart, eligible
 
@@ -125,7 +126,6 @@ class Cluster:
         self,
         specs: Iterable[BackendSpec],
         algorithm: str,
-        hash_key: str,
         *,
         clock: Callable[[], float],
         rng: random.Random,
@@ -154,7 +154,7 @@ class Cluster:
         self._mode_known = False
         self._eligible: list[Backend] = []
         self._eligible_until = -1.0
-        self.on_event: Callable[[str, str, str], None] = lambda kind, backend, detail: None
+        self.on_event: Callable[[EventKind, str, str], None] = lambda kind, backend, detail: None
         for spec in specs:
             self.add(spec)
 
@@ -191,7 +191,7 @@ class Cluster:
             members, mode = eligible(list(self.backends.values()), self._is_ejected_now)
             if mode != self.mode:
                 if self._mode_known:  # the first computation is no change
-                    self.on_event("pool-mode", "", f"{self.mode} -> {mode}")
+                    self.on_event(EventKind.POOL_MODE, "", f"{self.mode} -> {mode}")
                 self.mode = mode
             self._mode_known = True
             self._eligible = members
@@ -235,7 +235,7 @@ class Cluster:
             backend.ejections += 1
             self.invalidate()
             self.on_event(
-                "ejected",
+                EventKind.EJECTED,
                 backend.id,
                 f"{ejection.reason}; out for {ejection.until - ejection.at:.0f} s "
                 f"(ejection #{ejection.times})",

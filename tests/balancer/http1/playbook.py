@@ -91,7 +91,6 @@ class Playbook:
         self.cluster = Cluster(
             cfg.backends,
             cfg.algorithm,
-            cfg.hash_key,
             clock=self.clock,
             rng=random.Random(1),
             outlier=cfg.outlier,

@@ -61,7 +61,6 @@ def make_ctx() -> ListenerContext:
     cluster = Cluster(
         cfg.backends,
         cfg.algorithm,
-        cfg.hash_key,
         clock=loop.time,
         rng=random.Random(1),
         outlier=cfg.outlier,
