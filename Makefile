@@ -12,7 +12,7 @@ BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
 
 .PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
-	base-image image ca-cert clean
+	base-image image ca-cert clean subnet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -79,11 +79,18 @@ image:
 	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
 	docker image prune -f --filter label=org.lb-testbed.image=app >/dev/null
 
-up: image
+# make up [LB_SUBNET=172.29.0.0/24]: with no LB_SUBNET, a free /24 is chosen (see tools/choose_subnet.py)
+up: subnet image
+	@vars="$$(tools/choose_subnet.py)" || exit 2; export $$vars; \
+	echo "network    $$LB_SUBNET (VIP $$LB_VIP, balancer-a $$LB_IP_A, balancer-b $$LB_IP_B)"; \
 	$(COMPOSE) up -d --no-build --scale backend=$(BACKENDS)
 	@echo "service    https://localhost:8443   (make ca-cert, then curl --cacert pki/ca.crt)"
 	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
 	@echo "locust     http://localhost:8089"
+
+# fails at once, before the image build, when LB_SUBNET is held by another network
+subnet:
+	@tools/choose_subnet.py >/dev/null
 
 # make down [V=1] also removes the volumes (the CA and its certificates)
 down:
