@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from balancer.config import BackendSpec, OutlierSettings, RetrySettings
-from balancer.lb.algorithms import Scheduler, make_scheduler
+from balancer.lb.algorithms import Algorithm, make_algorithm
 from balancer.lb.health import OutlierDetector, RetryBudget, SlowStart, eligible
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class Cluster:
             ratio=retries.budget_ratio, min_per_second=retries.budget_min_per_second
         )
         self.unbudgeted = 0  # requests not yet reported to the retry budget
-        self.scheduler: Scheduler = make_scheduler(algorithm, rng)
+        self.scheduler: Algorithm = make_algorithm(algorithm, rng)
         self.algorithm = algorithm
         self.hash_key = hash_key
         self.mode = "none"
@@ -195,7 +195,7 @@ class Cluster:
 
     def set_algorithm(self, algorithm: str) -> None:
         # the new scheduler takes over for the next pick; in-flight requests are untouched
-        self.scheduler = make_scheduler(algorithm, self.rng)
+        self.scheduler = make_algorithm(algorithm, self.rng)
         self.algorithm = algorithm
 
     def invalidate(self) -> None:
