@@ -28,7 +28,7 @@ log = logging.getLogger("balancer")
 
 # Settings a reload cannot change in a running process (sockets, contexts and check tasks
 # are built from them at start). The admin token file and client CA are re-read per request.
-RESTART_ONLY = ("listen", "tls", "pair", "health", "outlier", "slow_start")
+RESTART_ONLY = ("listen", "tls", "pair", "health_check", "outlier", "slow_start")
 RESTART_ONLY_ADMIN = ("listen", "cert", "key")
 
 
@@ -145,10 +145,10 @@ class Balancer:
         )
         self.sweeper = Sweeper([self.ctx], self.cluster)
         self.checks: ActiveChecks | None = None
-        if cfg.health.enabled:
+        if cfg.health_check.enabled:
             self.checks = ActiveChecks(
                 self.cluster,
-                cfg.health,
+                cfg.health_check,
                 self.emit,
                 self.upstream_ssl,
                 cfg.tls.backend_server_name,

@@ -12,9 +12,9 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from balancer.config import HealthSettings
+from balancer.config import HealthCheckSettings
 from balancer.lb.cluster import Backend, Cluster
-from balancer.lb.health import CheckConfig, HealthChecker
+from balancer.lb.health import HealthChecker
 
 log = logging.getLogger("balancer.checks")
 
@@ -64,7 +64,7 @@ class ActiveChecks:
     def __init__(
         self,
         cluster: Cluster,
-        settings: HealthSettings,
+        settings: HealthCheckSettings,
         emit: Callable[[str, str, str], None],
         ssl_ctx: ssl.SSLContext | None = None,
         server_name: str | None = None,
@@ -72,15 +72,7 @@ class ActiveChecks:
     ) -> None:
         self.cluster = cluster
         self.on_down = on_down
-        self.settings = settings
-        self.config = CheckConfig(
-            path=settings.path,
-            interval=settings.interval,
-            fast_interval=min(settings.fast_interval, settings.interval),
-            timeout=settings.timeout,
-            rise=settings.rise,
-            fall=settings.fall,
-        )
+        self.config = settings
         self.emit = emit
         self.ssl_ctx = ssl_ctx
         self.server_name = server_name

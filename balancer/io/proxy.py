@@ -1084,7 +1084,7 @@ class Sweeper:
         ctx0 = self.ctxs[0] if self.ctxs else None
         if ctx0 is None:
             return
-        idle_limit = now - ctx0.timeouts.upstream_idle
+        idle_limit = now - ctx0.timeouts.backend_idle
         queue_limit = now - ctx0.timeouts.queue
         for backend in list(self.cluster.backends.values()):
             idle = backend.idle

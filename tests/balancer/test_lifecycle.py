@@ -283,12 +283,12 @@ def test_reload_says_which_changes_need_a_restart(
     write_config(
         cfg,
         base.replace('listen = "127.0.0.1:0"\nalgorithm', 'listen = "127.0.0.1:1"\nalgorithm')
-        + "[health]\ninterval = 1.0\n",
+        + "[health_check]\ninterval = 1.0\n",
     )
     lb.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: "takes effect after a restart" in lb.stderr(), 5.0), lb.stderr()
     reloads = [e for e in lb.state()["events"] if e["kind"] == "reload"]
-    assert reloads and reloads[0]["detail"].endswith("restart needed for: listen, health")
+    assert reloads and reloads[0]["detail"].endswith("restart needed for: listen, health_check")
     assert plain_get(lb.port, "/") == (200, "a")  # still on the port it was bound to
 
 
