@@ -141,8 +141,6 @@ class PairRole:
         pair = balancer.cfg.pair
         assert pair.peer and pair.bind
         checked = validate_pair_config(
-            priority=pair.priority,
-            advert_interval=pair.advert_interval,
             secret_file=pair.secret_file,
             bind=pair.bind,
             peer=pair.peer,
