@@ -13,7 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from balancer.config import BackendSpec, Config, split_hostport
+from balancer.config import (
+    BackendSpec,
+    Config,
+    ConfigError,
+    ReloadResult,
+    diff,
+    in_effect,
+    split_hostport,
+)
 from balancer.io.checks import ActiveChecks
 from balancer.io.proxy import (
     ClientConnection,
@@ -25,20 +33,6 @@ from balancer.io.proxy import (
 from balancer.lb.cluster import Backend, Cluster
 
 log = logging.getLogger("balancer")
-
-# Settings a reload cannot change in a running process (sockets, contexts and check tasks
-# are built from them at start). The admin token file and client CA are re-read per request.
-RESTART_ONLY = ("listen", "tls", "pair", "health_check", "outlier", "slow_start")
-RESTART_ONLY_ADMIN = ("listen", "cert", "key")
-
-
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """Names of the settings that differ between `old` and `new` but need a restart."""
-    names = [n for n in RESTART_ONLY if getattr(old, n) != getattr(new, n)]
-    names += [
-        f"admin.{n}" for n in RESTART_ONLY_ADMIN if getattr(old.admin, n) != getattr(new.admin, n)
-    ]
-    return names
 
 
 @dataclass(frozen=True)
@@ -97,8 +91,16 @@ class RedirectProtocol(asyncio.Protocol):
 class Balancer:
     """One balancer process. `start()` brings everything up, `stop()` drains and resigns."""
 
-    def __init__(self, cfg: Config, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Callable[[], float] | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
+        # re-reads the configuration source for `reload()`; None: nothing to reload from
+        self.load_config = load_config
         self.loop = asyncio.get_running_loop()
         self.clock = clock or self.loop.time
         self.started_at = time.time()
@@ -273,12 +275,27 @@ class Balancer:
         self.cluster.set_algorithm(algorithm)
         self.emit("algorithm", "", algorithm)
 
-    def apply(self, cfg: Config) -> None:
-        """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
-        # say so rather than pretend a changed value took effect
-        fixed = restart_only_changes(self.cfg, cfg)
-        if fixed:
-            log.warning("reload: %s changed; takes effect after a restart", ", ".join(fixed))
+    def reload(self) -> ReloadResult:
+        """Re-read the configuration and apply it; a bad one is refused as a whole.
+
+        The result is logged in one line and shown on the event timeline."""
+        if self.load_config is None:
+            raise RuntimeError("reload without a configuration source")
+        try:
+            cfg = self.load_config()
+        except ConfigError as exc:
+            result = ReloadResult(refused=str(exc))
+            log.error("reload %s", result.summary())
+            self.emit("reload-refused", "", str(exc))
+            return result
+        return self.apply(cfg)
+
+    def apply(self, cfg: Config) -> ReloadResult:
+        """Apply every live setting of an already validated `cfg` now; report the others.
+
+        Which settings are live comes from the schema (`live` field metadata)."""
+        result = diff(self.cfg, cfg)
+        cfg = in_effect(self.cfg, cfg)
         cluster = self.cluster
         wanted = {b.id: b for b in cfg.backends}
         for bid, backend in list(cluster.backends.items()):
@@ -297,6 +314,13 @@ class Balancer:
         if cfg.algorithm != cluster.algorithm:
             self.set_algorithm(cfg.algorithm)
         cluster.hash_key = cfg.hash_key
+        cluster.budget.configure(cfg.retries.budget_ratio, cfg.retries.budget_min_per_second)
+        if cfg.access_log != self.cfg.access_log:
+            self.ctx.access_log = access_log_sink(cfg.access_log)
+        if cfg.log_level != self.cfg.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+        if cfg.discover and not self.cfg.discover:
+            self.tasks.append(self.loop.create_task(self._discover_loop()))
         self.ctx.reconfigure(cfg)
         self.cfg = cfg
         cluster.invalidate()
@@ -304,10 +328,12 @@ class Balancer:
             self.checks.sync()
         if self.tls_store is not None:
             self.tls_store.reload()
-        detail = "configuration applied"
-        if fixed:
-            detail += f"; restart needed for: {', '.join(fixed)}"
-        self.emit("reload", "", detail)
+        if result.restart_needed:
+            log.warning("reload: %s (takes effect after a restart)", result.summary())
+        else:
+            log.info("reload: %s", result.summary())
+        self.emit("reload", "", result.summary())
+        return result
 
     def drain_and_remove(self, bid: str) -> None:
         backend = self.cluster.backends.get(bid)

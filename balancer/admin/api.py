@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from balancer.admin.metrics import make_registry, render
-from balancer.config import ALGORITHMS, split_hostport
+from balancer.config import ALGORITHMS, ReloadResult, split_hostport
 from balancer.lb.cluster import LATENCY_BUCKETS
 
 log = logging.getLogger("balancer.admin")
@@ -371,18 +371,15 @@ class AdminServer:
 
     async def reload(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        hook = getattr(self.balancer, "reload_hook", None)
-        if hook is None:
+        if self.balancer.load_config is None:
             raise AdminError(501, "reload is not available (no configuration source)")
-        mark = self.balancer.events[-1] if self.balancer.events else None
-        hook()
-        # the hook reports a refused config as an event, not an exception
-        for event in reversed(self.balancer.events):
-            if event is mark:
-                break
-            if event.kind == "reload-refused":
-                raise AdminError(400, f"reload refused: {event.detail}")
-        return web.json_response({"reloaded": True})
+        result: ReloadResult = self.balancer.reload()
+        body = result.as_dict()
+        if result.refused is not None:
+            # 422: the request was fine, the configuration it asked to load is not
+            body["error"] = f"reload refused: {result.refused}"
+            return web.json_response(body, status=422)
+        return web.json_response(body)
 
     def _state_of(self, backend: Any) -> str:
         state: str = self.balancer.cluster.state_of(backend)

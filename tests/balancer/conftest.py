@@ -101,8 +101,9 @@ async def start_balancer() -> AsyncIterator[Callable[..., Awaitable[Balancer]]]:
 
     async def start(backends: list[Any], **overrides: Any) -> Balancer:
         specs = [b if isinstance(b, BackendSpec) else b.spec for b in backends]
+        load_config = overrides.pop("load_config", None)
         cfg = overrides.pop("cfg", None) or make_config(specs, **overrides)
-        bal = Balancer(cfg)
+        bal = Balancer(cfg, load_config=load_config)
         await bal.start()
         started.append(bal)
         return bal

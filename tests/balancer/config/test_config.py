@@ -13,8 +13,11 @@ from balancer.config import (
     BackendSpec,
     Config,
     ConfigError,
+    ReloadResult,
     build_parser,
+    diff,
     from_args,
+    in_effect,
     load_toml,
     parse_backend,
     split_hostport,
@@ -360,6 +363,40 @@ def test_every_flag_in_the_schema_exists_on_the_command_line() -> None:
         flag = flag_of(key)
         if flag is not None:
             assert flag in options or f"--no-{flag[2:]}" in options or flag == "--no-checks", key
+
+
+def test_reload_diff_sorts_changes_by_the_schema() -> None:
+    old = from_args(["--backend", "h:1"])
+    new = from_args(
+        [
+            "--backend", "h:2",
+            "--listen", "127.0.0.1:9",
+            "--access-log", "-",
+            "--log-level", "debug",
+            "--check-rise", "5",
+            "--timeout-connect", "3",
+        ]
+    )  # fmt: skip
+    result = diff(old, new)
+    assert result.applied == ["backends", "access_log", "log_level", "timeouts.connect"]
+    assert result.restart_needed == ["listen", "health_check.rise"]
+    assert result.refused is None
+    assert result.summary() == (
+        "applied backends, access_log, log_level, timeouts.connect; "
+        "restart needed for listen, health_check.rise"
+    )
+    assert diff(old, old).summary() == "no changes"
+    # what runs after the reload: live values are new, restart-only ones stay as they were
+    running = in_effect(old, new)
+    assert running.backends == new.backends and running.timeouts.connect == 3
+    assert running.listen == old.listen and running.health_check.rise == old.health_check.rise
+    assert diff(running, new).restart_needed == ["listen", "health_check.rise"]  # still owed
+
+
+def test_refused_reload_result() -> None:
+    result = ReloadResult(refused="no backends")
+    assert result.as_dict() == {"applied": [], "restart_needed": [], "refused": "no backends"}
+    assert result.summary() == "refused, keeping the old configuration: no backends"
 
 
 def test_config_package_imports_no_io_modules() -> None:
