@@ -139,9 +139,6 @@ def _validate_admin_tls(cfg: Config) -> None:
         _address("admin.listen", a.listen)
     if bool(a.cert) != bool(a.key):
         _fail("admin.cert", "and admin.key (--admin-key) go together")
-    for key, path in (("admin.cert", a.cert), ("admin.key", a.key)):
-        if path:
-            _file(key, path)
     t = cfg.tls
     if t.redirect_http:
         if not t.certs:
@@ -152,14 +149,7 @@ def _validate_admin_tls(cfg: Config) -> None:
             _file("tls.certs", path)
     if bool(t.backend_cert) != bool(t.backend_key):
         _fail("tls.backend_cert", "and tls.backend_key go together")
-    for key, maybe in (
-        ("tls.client_ca", t.client_ca),
-        ("tls.backend_ca", t.backend_ca),
-        ("tls.backend_cert", t.backend_cert),
-        ("tls.backend_key", t.backend_key),
-    ):
-        if maybe:
-            _file(key, maybe)
+    # the other TLS files are loaded (and their faults reported in one line) by balancer.tls
 
 
 def _validate_pair(cfg: Config) -> None:
@@ -183,7 +173,7 @@ def _validate_pair(cfg: Config) -> None:
             _fail("pair.secret_file", f"is empty: {pair.secret_file}")
         if not pair.bind:
             _fail("pair.bind", "is required in a pair: our own election address H:P")
-        _address("pair.bind", pair.bind)
+        _address("pair.bind", pair.bind, wildcard=False)  # the election binds a named host
         if _same_endpoint(pair.bind, pair.peer):
             _fail("pair.peer", f"is this node itself ({pair.peer} = pair.bind)")
     if pair.vip:
