@@ -23,6 +23,8 @@ from balancer.config.schema import (
     Config,
     ConfigError,
     Timeouts,
+    flag_of,
+    leaves,
 )
 from balancer.config.validate import validate
 
@@ -269,37 +271,22 @@ def _rewrite_deprecated(argv: list[str], warn: Warn) -> list[str]:
     return out + argv[len(out) :]
 
 
-# flag dest -> (section or "", field) for the flags that set one field as given
-_PLAIN = {
-    "listen": ("", "listen"),
-    "algorithm": ("", "algorithm"),
-    "hash_key": ("", "hash_key"),
-    "slow_start": ("", "slow_start"),
-    "access_log": ("", "access_log"),
-    "log_level": ("", "log_level"),
-    "attempts": ("retries", "attempts"),
-    "check_path": ("health_check", "path"),
-    "check_interval": ("health_check", "interval"),
-    "check_timeout": ("health_check", "timeout"),
-    "check_rise": ("health_check", "rise"),
-    "check_fall": ("health_check", "fall"),
-    "tls_client_ca": ("tls", "client_ca"),
-    "redirect_http": ("tls", "redirect_http"),
-    "backend_ca": ("tls", "backend_ca"),
-    "admin": ("admin", "listen"),
-    "admin_token_file": ("admin", "token_file"),
-    "admin_client_ca": ("admin", "client_ca"),
-    "admin_cert": ("admin", "cert"),
-    "admin_key": ("admin", "key"),
-    "peer": ("pair", "peer"),
-    "bind_election": ("pair", "bind"),
-    "priority": ("pair", "priority"),
-    "advert_interval": ("pair", "advert_interval"),
-    "preempt": ("pair", "preempt"),
-    "secret_file": ("pair", "secret_file"),
-    "vip": ("pair", "vip"),
-    "vip_interface": ("pair", "vip_interface"),
-} | {f"timeout_{f.name}": ("timeouts", f.name) for f in fields(Timeouts)}
+# flags that do more than set one field to the value given; from_args handles them by hand
+_BY_HAND = {"--backend", "--discover", "--tls-cert", "--no-checks", "--forwarded", "--tls-facts"}
+
+
+def _flag_targets() -> dict[str, tuple[str, str]]:
+    """argparse dest -> (section or "", field), from the schema's `flag` metadata."""
+    out = {}
+    for key in leaves(Config()):
+        flag = flag_of(key)
+        if flag is not None and flag not in _BY_HAND:
+            section, _, name = key.rpartition(".")
+            out[flag[2:].replace("-", "_")] = (section, name)
+    return out
+
+
+_FLAG_TARGETS = _flag_targets()
 
 
 def from_args(argv: list[str] | None = None, warn: Warn = warn_stderr) -> Config:
@@ -308,7 +295,7 @@ def from_args(argv: list[str] | None = None, warn: Warn = warn_stderr) -> Config
     cfg = load_toml(args.config, warn) if args.config else Config()
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
-    for dest, (section, name) in _PLAIN.items():
+    for dest, (section, name) in _FLAG_TARGETS.items():
         val = getattr(args, dest)
         if val is not None:
             (sections.setdefault(section, {}) if section else top)[name] = val

@@ -364,6 +364,52 @@ def test_every_flag_in_the_schema_exists_on_the_command_line() -> None:
             assert flag in options or f"--no-{flag[2:]}" in options or flag == "--no-checks", key
 
 
+def test_every_command_line_flag_sets_a_schema_setting() -> None:
+    in_schema = {flag_of(key) for key in leaves(Config())}
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option in ("-h", "--help", "--config", "--tls-key", "--no-preempt"):
+                continue  # --tls-key is the other half of --tls-cert
+            assert option in in_schema, option
+
+
+def test_every_flag_reaches_its_setting(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    cfg = from_args(
+        [
+            "--backend", "h:1", "--discover", "svc:80", "--listen", "127.0.0.1:1",
+            "--algorithm", "source-hash", "--hash-key", "cookie:u", "--slow-start", "2",
+            "--access-log", "-", "--log-level", "debug", "--forwarded", "--tls-facts",
+            "--admin", "127.0.0.1:2", "--admin-token-file", "t", "--admin-client-ca", "ca",
+            "--peer", "127.0.0.1:3", "--bind-election", "127.0.0.1:4", "--priority", "7",
+            "--advert-interval", "0.5", "--no-preempt", "--secret-file", str(secret),
+            "--timeout-backend-idle", "9", "--attempts", "4", "--check-path", "/r",
+            "--check-interval", "1", "--check-timeout", "0.7", "--check-rise", "3",
+            "--check-fall", "4", "--no-checks",
+        ]
+    )  # fmt: skip
+    assert cfg.discover == ("svc:80",) and cfg.listen == "127.0.0.1:1"
+    assert (cfg.algorithm, cfg.hash_key, cfg.slow_start) == ("source-hash", "cookie:u", 2)
+    assert (cfg.access_log, cfg.log_level, cfg.forwarded, cfg.tls_facts) == (
+        "-",
+        "debug",
+        True,
+        True,
+    )
+    assert (cfg.admin.listen, cfg.admin.token_file, cfg.admin.client_ca) == (
+        "127.0.0.1:2",
+        "t",
+        "ca",
+    )
+    p = cfg.pair
+    assert (p.peer, p.bind, p.priority, p.advert_interval) == ("127.0.0.1:3", "127.0.0.1:4", 7, 0.5)
+    assert not p.preempt and p.secret_file == str(secret)
+    assert cfg.timeouts.backend_idle == 9 and cfg.retries.attempts == 4
+    h = cfg.health_check
+    assert (h.path, h.interval, h.timeout, h.rise, h.fall, h.enabled) == ("/r", 1, 0.7, 3, 4, False)
+
+
 def test_reload_diff_sorts_changes_by_the_schema() -> None:
     old = from_args(["--backend", "h:1"])
     new = from_args(
