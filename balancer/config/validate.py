@@ -27,6 +27,8 @@ from balancer.config.schema import (
 MIN_PRIORITY, MAX_PRIORITY = 1, 254
 # backends close idle keep-alive connections after 75 s; reusing one that late races that
 BACKEND_KEEPALIVE = 75.0
+# limits where 0 is meaningful: no pooled idle connections, no queue, no body limit
+ZERO_MEANS_NONE = ("backend_max_idle", "queue_size", "max_request_body")
 
 
 def _name(key: str) -> str:
@@ -99,8 +101,12 @@ def _validate_timeouts_limits(cfg: Config) -> None:
             f"got {cfg.timeouts.backend_idle!r}",
         )
     for f in fields(Limits):
-        if getattr(cfg.limits, f.name) < 0:
-            _fail(f"limits.{f.name}", f"must be >= 0, got {getattr(cfg.limits, f.name)!r}")
+        value = getattr(cfg.limits, f.name)
+        if f.name in ZERO_MEANS_NONE:
+            if value < 0:
+                _fail(f"limits.{f.name}", f"must be >= 0, got {value!r}")
+        elif value < 1:  # 0 would refuse every request
+            _fail(f"limits.{f.name}", f"must be >= 1, got {value!r}")
 
 
 def _validate_retries_checks_outlier(cfg: Config) -> None:

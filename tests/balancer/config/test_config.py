@@ -193,6 +193,8 @@ BAD_TOML = [
     ('backends = ["h:1"]\n[tls]\ncerts = "x"', "certs must be a list"),
     ('backends = ["h:1"]\n[tls]\ncerts = [["a"]]', "certs must be a list"),
     ('backends = ["h:1"]\n[limits]\nqueue_size = -1', "limits.queue_size must be >= 0"),
+    ('backends = ["h:1"]\n[limits]\nmax_headers = 0', "limits.max_headers must be >= 1"),
+    ('backends = ["h:1"]\n[limits]\nbackend_max_connections = 0', "must be >= 1, got 0"),
     ('backends = ["h:1"]\n[outlier]\nmax_ejection = 1', "outlier.max_ejection must be >="),
     ('backends = ["h:1"]\n[outlier]\nbase_ejection = 0', "outlier.base_ejection must be"),
     ('backends = ["h:1"]\n[outlier]\nconsecutive_failures = 0', "outlier.consecutive_failures"),
