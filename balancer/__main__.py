@@ -9,7 +9,6 @@ import signal
 import sys
 
 from balancer.config import Config, ConfigError, from_args
-from balancer.events import EventKind
 
 GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
@@ -27,8 +26,12 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     from balancer.app import Balancer
     from balancer.tls.store import TLSConfigError
 
+    def load() -> Config:
+        # deprecation warnings go to the log on a reload (they went to stderr at start)
+        return from_args(argv, warn=logging.getLogger("balancer").warning)
+
     try:
-        balancer = Balancer(cfg)  # loads the TLS files: a bad one is a user error
+        balancer = Balancer(cfg, load_config=load)  # loads TLS files: a bad one is a user error
     except TLSConfigError as exc:
         print(f"balancer: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -42,18 +45,11 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     done = asyncio.Event()
 
     def reload() -> None:
-        try:
-            new = from_args(argv)
-        except ConfigError as exc:
-            logging.getLogger("balancer").error("reload refused, keeping the old config: %s", exc)
-            balancer.emit(EventKind.RELOAD_REFUSED, "", str(exc))
-            return
-        balancer.apply(new)
+        balancer.reload()  # logs its result in one line and emits it as an event
 
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    balancer.reload_hook = reload
     if balancer.listening:
         host, port = balancer.address
         scheme = "https" if balancer.tls_store is not None else "http"

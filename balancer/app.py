@@ -12,7 +12,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from balancer.config import ALGORITHMS, BackendSpec, Config, split_hostport
+from balancer.config import (
+    ALGORITHMS,
+    BackendSpec,
+    Config,
+    ConfigError,
+    ReloadResult,
+    diff,
+    in_effect,
+    split_hostport,
+)
 from balancer.events import Event, EventKind
 from balancer.http1.client import rescue_in_flight
 from balancer.http1.exchange import ListenerContext, ListenerStats, Pool, attach
@@ -38,20 +47,6 @@ STATE_EVENTS: dict[str, EventKind] = {
     "maint": EventKind.MAINT,
 }
 
-# Settings a reload cannot change in a running process (sockets, contexts and check tasks
-# are built from them at start). The admin token file and client CA are re-read per request.
-RESTART_ONLY = ("listen", "tls", "pair", "health", "outlier", "slow_start")
-RESTART_ONLY_ADMIN = ("listen", "cert", "key")
-
-
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """Names of the settings that differ between `old` and `new` but need a restart."""
-    names = [n for n in RESTART_ONLY if getattr(old, n) != getattr(new, n)]
-    names += [
-        f"admin.{n}" for n in RESTART_ONLY_ADMIN if getattr(old.admin, n) != getattr(new.admin, n)
-    ]
-    return names
-
 
 class Balancer:
     """One balancer process. `start()` brings everything up, `stop()` drains and resigns.
@@ -60,8 +55,16 @@ class Balancer:
     (balancer.pair.role.PairHost, balancer.admin.api.AdminHost); neither imports this module.
     """
 
-    def __init__(self, cfg: Config, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Callable[[], float] | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
+        # re-reads the configuration source for `reload()`; None: nothing to reload from
+        self.load_config = load_config
         self.loop = asyncio.get_running_loop()
         self.clock = clock or self.loop.time
         self.started_at = time.time()
@@ -113,10 +116,10 @@ class Balancer:
         )
         self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
         self.checks: ActiveChecks | None = None
-        if cfg.health.enabled:
+        if cfg.health_check.enabled:
             self.checks = ActiveChecks(
                 self.cluster,
-                cfg.health,
+                cfg.health_check,
                 self.emit,
                 self.backend_ssl,
                 cfg.tls.backend_server_name,
@@ -129,8 +132,6 @@ class Balancer:
         self.tasks: list[asyncio.Task[Any]] = []
         self.admin: AdminServer | None = None
         self.pair: PairRole | None = None
-        # set by whoever owns the configuration source (__main__: re-read the flags and file)
-        self.reload_hook: Callable[[], None] | None = None
         self.stopping = False
 
     def _rescue(self, backend: Backend) -> None:
@@ -286,12 +287,27 @@ class Balancer:
         self.cluster.invalidate()
         self.emit(EventKind.WEIGHT, backend_id, f"{reason} ({previous:g} -> {weight:g})")
 
-    def apply(self, cfg: Config) -> None:
-        """Reload: backends, algorithm, weights, timeouts. Certificates reload via the store."""
-        # say so rather than pretend a changed value took effect
-        fixed = restart_only_changes(self.cfg, cfg)
-        if fixed:
-            log.warning("reload: %s changed; takes effect after a restart", ", ".join(fixed))
+    def reload(self) -> ReloadResult:
+        """Re-read the configuration and apply it; a bad one is refused as a whole.
+
+        The result is logged in one line and shown on the event timeline."""
+        if self.load_config is None:
+            raise RuntimeError("reload without a configuration source")
+        try:
+            cfg = self.load_config()
+        except ConfigError as exc:
+            result = ReloadResult(refused=str(exc))
+            log.error("reload %s", result.summary())
+            self.emit(EventKind.RELOAD_REFUSED, "", str(exc))
+            return result
+        return self.apply(cfg)
+
+    def apply(self, cfg: Config) -> ReloadResult:
+        """Apply every live setting of an already validated `cfg` now; report the others.
+
+        Which settings are live comes from the schema (`live` field metadata)."""
+        result = diff(self.cfg, cfg)
+        cfg = in_effect(self.cfg, cfg)
         cluster = self.cluster
         wanted = {b.id: b for b in cfg.backends}
         for bid, backend in list(cluster.backends.items()):
@@ -309,6 +325,13 @@ class Balancer:
                 existing.backup = spec.backup
         if cfg.algorithm != cluster.algorithm:
             self.set_algorithm(cfg.algorithm)
+        cluster.budget.configure(cfg.retries.budget_ratio, cfg.retries.budget_min_per_second)
+        if cfg.access_log != self.cfg.access_log:
+            self.ctx.access_log = access_log_sink(cfg.access_log)
+        if cfg.log_level != self.cfg.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+        if cfg.discover and not self.cfg.discover:
+            self.tasks.append(self.loop.create_task(self._discover_loop()))
         self.ctx.reconfigure(cfg)
         self.pool.reconfigure(cfg.limits, cfg.timeouts)
         self.cfg = cfg
@@ -317,10 +340,12 @@ class Balancer:
             self.checks.sync()
         if self.tls_store is not None:
             self.tls_store.reload()
-        detail = "configuration applied"
-        if fixed:
-            detail += f"; restart needed for: {', '.join(fixed)}"
-        self.emit(EventKind.RELOAD, "", detail)
+        if result.restart_needed:
+            log.warning("reload: %s (takes effect after a restart)", result.summary())
+        else:
+            log.info("reload: %s", result.summary())
+        self.emit(EventKind.RELOAD, "", result.summary())
+        return result
 
     def drain_and_remove(self, bid: str) -> None:
         backend = self.cluster.backends.get(bid)

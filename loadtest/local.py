@@ -28,7 +28,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import NoReturn
 
-ALGORITHMS = ("round-robin", "least-connections", "source-hash")
+from balancer.lb.algorithms import ALGORITHMS
+
 HOST = "127.0.0.1"
 BACKEND_PORTS = (9101, 9102, 9103)
 LISTEN_PORT = 8080
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m loadtest.local",
         description="Run 3 backends and a balancer (or a pair) on loopback until Ctrl-C.",
     )
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="round-robin")
+    p.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="round-robin")
     p.add_argument("--hash-key", help="source-hash key (default header:X-User with source-hash)")
     p.add_argument("--tls", action="store_true", help="serve HTTPS with a cert from ./pki")
     p.add_argument("--pki", default="pki", help="CA directory for --tls (default ./pki)")

@@ -23,8 +23,8 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 
 from balancer.admin.metrics import MetricsSource, make_registry, render
-from balancer.config import ALGORITHMS, Config, split_hostport
-from balancer.events import Event, EventKind
+from balancer.config import ALGORITHMS, Config, ReloadResult, split_hostport
+from balancer.events import Event
 
 log = logging.getLogger("balancer.admin")
 
@@ -54,8 +54,11 @@ class AdminHost(MetricsSource, Protocol):
         """The recent events, oldest first."""
 
     @property
-    def reload_hook(self) -> Callable[[], None] | None:
-        """Re-reads the configuration and applies it; None without a configuration source."""
+    def load_config(self) -> Callable[[], Config] | None:
+        """Re-reads the configuration source; None when there is none to reload from."""
+
+    def reload(self) -> ReloadResult:
+        """Re-read and apply the configuration; logs and emits the result."""
 
     def state_view(self) -> dict[str, Any]:
         """The balancer's state for /api/state, without the events."""
@@ -384,18 +387,15 @@ class AdminServer:
 
     async def reload(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        hook = getattr(self.balancer, "reload_hook", None)
-        if hook is None:
+        if self.balancer.load_config is None:
             raise AdminError(501, "reload is not available (no configuration source)")
-        mark = self.balancer.events[-1] if self.balancer.events else None
-        hook()
-        # the hook reports a refused config as an event, not an exception
-        for event in reversed(self.balancer.events):
-            if event is mark:
-                break
-            if event.kind == EventKind.RELOAD_REFUSED:
-                raise AdminError(400, f"reload refused: {event.detail}")
-        return web.json_response({"reloaded": True})
+        result = self.balancer.reload()
+        body = result.as_dict()
+        if result.refused is not None:
+            # 422: the request was fine, the configuration it asked to load is not
+            body["error"] = f"reload refused: {result.refused}"
+            return web.json_response(body, status=422)
+        return web.json_response(body)
 
     # SSE --------------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:

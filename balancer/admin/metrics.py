@@ -173,12 +173,15 @@ class BalancerCollector(Collector):
             "Role changes of this balancer",
             value=int(bal.role_detail.get("transitions", 0) or 0),
         )
-        mode = GaugeMetricFamily(
-            "lb_pool_mode", "1 for the cluster's current mode", labels=["mode"]
-        )
-        for m in MODES:
-            mode.add_metric([m], 1.0 if m == bal.cluster.mode else 0.0)
-        yield mode
+        # lb_pool_mode is the old name of lb_cluster_mode, kept for existing dashboards
+        for name, doc in (
+            ("lb_cluster_mode", "1 for the cluster's current mode"),
+            ("lb_pool_mode", "deprecated: use lb_cluster_mode"),
+        ):
+            mode = GaugeMetricFamily(name, doc, labels=["mode"])
+            for m in MODES:
+                mode.add_metric([m], 1.0 if m == bal.cluster.mode else 0.0)
+            yield mode
         yield GaugeMetricFamily(
             "lb_start_time_seconds", "Unix time the balancer started", value=bal.started_at
         )

@@ -161,7 +161,7 @@ class ConnectionPool(Generic[C, W]):
     # housekeeping -------------------------------------------------------------------------
     def expire(self, now: float) -> None:
         """Close idle connections past `backend_idle` and refuse exchanges queued too long."""
-        idle_limit = now - self.timeouts.upstream_idle
+        idle_limit = now - self.timeouts.backend_idle
         queue_limit = now - self.timeouts.queue
         for s in list(self.slots.values()):
             idle = s.idle

@@ -12,10 +12,10 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from balancer.config import HealthSettings
+from balancer.config import HealthCheckSettings
 from balancer.events import EventKind
 from balancer.lb.cluster import Backend, Cluster
-from balancer.lb.health import CheckConfig, HealthChecker
+from balancer.lb.health import HealthChecker
 
 log = logging.getLogger("balancer.checks")
 
@@ -65,7 +65,7 @@ class ActiveChecks:
     def __init__(
         self,
         cluster: Cluster,
-        settings: HealthSettings,
+        settings: HealthCheckSettings,
         emit: Callable[[EventKind, str, str], None],
         ssl_ctx: ssl.SSLContext | None = None,
         server_name: str | None = None,
@@ -73,15 +73,7 @@ class ActiveChecks:
     ) -> None:
         self.cluster = cluster
         self.on_down = on_down
-        self.settings = settings
-        self.config = CheckConfig(
-            path=settings.path,
-            interval=settings.interval,
-            fast_interval=min(settings.fast_interval, settings.interval),
-            timeout=settings.timeout,
-            rise=settings.rise,
-            fall=settings.fall,
-        )
+        self.config = settings
         self.emit = emit
         self.ssl_ctx = ssl_ctx
         self.server_name = server_name

@@ -1,4 +1,4 @@
-"""Schedulers: pure cores that pick one backend out of the eligible set.
+"""Algorithms (the lb policy): pure cores that pick one backend out of the eligible set.
 
 No I/O, no clock. Randomness comes from an injected ``random.Random`` so tests
 (and the active/passive pair) are reproducible. ``pick()`` runs once per
@@ -16,18 +16,18 @@ from collections.abc import Sequence
 from typing import ClassVar, Protocol, TypeVar
 
 __all__ = [
-    "SCHEDULERS",
+    "ALGORITHMS",
+    "Algorithm",
     "LeastConnections",
     "RoundRobin",
-    "Scheduler",
     "SourceHash",
     "Target",
-    "make_scheduler",
+    "make_algorithm",
 ]
 
 
 class Target(Protocol):
-    """What the data path's Backend exposes to a scheduler."""
+    """What the data path's Backend exposes to an algorithm."""
 
     @property
     def id(self) -> str: ...
@@ -44,10 +44,10 @@ class Target(Protocol):
 T = TypeVar("T", bound=Target)
 
 
-class Scheduler(ABC):
+class Algorithm(ABC):
     """Picks a backend from ``targets`` (the eligible set, already filtered).
 
-    Every scheduler takes the same constructor argument so ``make_scheduler``
+    Every algorithm takes the same constructor argument so ``make_algorithm``
     can build any of them; ``rng=None`` means a fresh unseeded generator.
     """
 
@@ -65,7 +65,7 @@ class Scheduler(ABC):
         return None
 
 
-class RoundRobin(Scheduler):
+class RoundRobin(Algorithm):
     """Smooth weighted round robin, exactly nginx's algorithm.
 
     Each pick: every eligible target's current weight grows by its effective
@@ -102,7 +102,7 @@ class RoundRobin(Scheduler):
         self._current.pop(target_id, None)
 
 
-class LeastConnections(Scheduler):
+class LeastConnections(Algorithm):
     """Weighted least connections: minimise ``(in_flight + 1) / weight``.
 
     The ``+ 1`` makes weights matter when everything is idle (an idle heavy
@@ -140,7 +140,7 @@ def _hrw_score(digest: bytes, weight: float) -> float:
     return -weight / math.log(h)
 
 
-class SourceHash(Scheduler):
+class SourceHash(Algorithm):
     """Weighted rendezvous (highest random weight) hashing on a caller-given key.
 
     For each target ``h = blake2b-64(id + b"\\0" + key)`` mapped into (0, 1) and
@@ -213,16 +213,17 @@ class SourceHash(Scheduler):
         self._prefix.pop(target_id, None)
 
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
+# the one registry: config validates names against it, the admin API and the flags list it
+ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (RoundRobin, LeastConnections, SourceHash)
 }
 
 
-def make_scheduler(name: str, rng: random.Random) -> Scheduler:
-    """Build the scheduler called ``name``; ValueError lists the valid names."""
+def make_algorithm(name: str, rng: random.Random) -> Algorithm:
+    """Build the algorithm called ``name``; ValueError lists the valid names."""
     try:
-        cls = SCHEDULERS[name]
+        cls = ALGORITHMS[name]
     except KeyError:
-        valid = ", ".join(sorted(SCHEDULERS))
-        raise ValueError(f"unknown scheduler {name!r}; expected one of: {valid}") from None
+        valid = ", ".join(sorted(ALGORITHMS))
+        raise ValueError(f"unknown algorithm {name!r}; expected one of: {valid}") from None
     return cls(rng)

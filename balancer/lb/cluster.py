@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from balancer.config import BackendSpec, OutlierSettings, RetrySettings
 from balancer.events import EventKind
-from balancer.lb.algorithms import Scheduler, make_scheduler
+from balancer.lb.algorithms import Algorithm, make_algorithm
 from balancer.lb.health import OutlierDetector, RetryBudget, SlowStart, eligible
 
 # Latency buckets in seconds (upper bounds), shared by metrics and the dashboard.
@@ -148,7 +148,7 @@ class Cluster:
             ratio=retries.budget_ratio, min_per_second=retries.budget_min_per_second
         )
         self.unbudgeted = 0  # requests not yet reported to the retry budget
-        self.scheduler: Scheduler = make_scheduler(algorithm, rng)
+        self.scheduler: Algorithm = make_algorithm(algorithm, rng)
         self.algorithm = algorithm
         self.mode = "none"
         self._mode_known = False
@@ -177,7 +177,7 @@ class Cluster:
 
     def set_algorithm(self, algorithm: str) -> None:
         # the new scheduler takes over for the next pick; in-flight requests are untouched
-        self.scheduler = make_scheduler(algorithm, self.rng)
+        self.scheduler = make_algorithm(algorithm, self.rng)
         self.algorithm = algorithm
 
     def invalidate(self) -> None:

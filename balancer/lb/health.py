@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
+from balancer.config.schema import HealthCheckSettings
+
 __all__ = [
     "STATES",
-    "CheckConfig",
     "Ejection",
     "FailureKind",
     "HealthChecker",
@@ -43,33 +44,7 @@ def _at_least_one(name: str, value: int) -> None:
 
 
 # --- active checks ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckConfig:
-    """Active check settings for one cluster.
-
-    ``fast_interval`` is used while a backend is changing state (after a result
-    opposite to its current state). Defaults detect a backend that refuses
-    connections within 1 s: the next check comes at most 0.5 s after it died,
-    and the confirming one 0.2 s later.
-    """
-
-    path: str = "/healthz"
-    interval: float = 0.5
-    fast_interval: float = 0.2
-    timeout: float = 0.5
-    rise: int = 2
-    fall: int = 2
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path.startswith("/"):
-            raise ValueError(f"check path must start with '/', got {self.path!r}")
-        _positive("check interval", self.interval)
-        _positive("check fast_interval", self.fast_interval)
-        _positive("check timeout", self.timeout)
-        _at_least_one("check rise", self.rise)
-        _at_least_one("check fall", self.fall)
+# Settings come validated from balancer.config (HealthCheckSettings).
 
 
 @dataclass(frozen=True)
@@ -89,7 +64,7 @@ class HealthChecker:
     ``next_delay()`` before the next one.
     """
 
-    def __init__(self, config: CheckConfig, now: float, initially_up: bool = True) -> None:
+    def __init__(self, config: HealthCheckSettings, now: float, initially_up: bool = True) -> None:
         self.config = config
         self._up = initially_up
         self._opposite = 0  # consecutive results disagreeing with the current state
@@ -149,7 +124,9 @@ class HealthChecker:
         return self.on_result(False, now, f"timeout after {self.config.timeout:g}s")
 
     def next_delay(self) -> float:
-        return self.config.fast_interval if self._opposite > 0 else self.config.interval
+        if self._opposite > 0:  # confirming a change: never slower than the normal pace
+            return min(self.config.fast_interval, self.config.interval)
+        return self.config.interval
 
 
 # --- passive checks (outlier detection) -------------------------------------------------------
@@ -347,10 +324,8 @@ class RetryBudget:
         if not (math.isfinite(min_per_second) and min_per_second >= 0):
             raise ValueError(f"retry budget min_per_second must be >= 0, got {min_per_second!r}")
         _positive("retry budget window", window)
-        self.ratio = ratio
-        self.min_per_second = min_per_second
         self.window = window
-        self._floor = min_per_second * window
+        self.configure(ratio, min_per_second)
         n = max(1, math.ceil(window))
         self._n = n
         self._second = [-1] * n  # which second each bucket currently holds
@@ -358,6 +333,12 @@ class RetryBudget:
         self._retries = [0] * n
         self.retries_allowed = 0
         self.retries_denied = 0
+
+    def configure(self, ratio: float, min_per_second: float) -> None:
+        """New limits from a reload; the counts of the current window are kept."""
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self._floor = min_per_second * self.window
 
     def _bucket(self, now: float) -> int:
         sec = math.floor(now)

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from balancer.config import split_hostport
 from balancer.pair.advert import DEFAULT_REPLAY_WINDOW, AdvertCodec
 from balancer.pair.election import (
-    MAX_PRIORITY,
-    MIN_PRIORITY,
     Action,
     Advert,
     BecomeActive,
@@ -55,13 +54,8 @@ def load_secret(path: str | Path) -> bytes:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); ValueError with a one-line message."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"invalid address {text!r}: expected HOST:PORT")
-    return host, int(port)
+    """'host:port' or '[v6]:port' -> (host, port); the config's parser (one for all)."""
+    return split_hostport(text, "address", wildcard=False)
 
 
 def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -82,20 +76,14 @@ class ValidatedPair:
 
 def validate_pair_config(
     *,
-    priority: int,
-    advert_interval: float,
     secret_file: str | Path | None,
     bind: str,
     peer: str,
     node: str | None = None,
 ) -> ValidatedPair:
-    """Check the pair settings; raises ValueError with a one-line message on the first fault."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ValueError(f"priority must be an integer, got {priority!r}")
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise ValueError(f"priority {priority} out of range {MIN_PRIORITY}-{MAX_PRIORITY}")
-    if not (math.isfinite(advert_interval) and advert_interval > 0):
-        raise ValueError(f"advert interval must be > 0 s, got {advert_interval}")
+    """Resolve the pair's addresses and secret; raises ValueError with a one-line message.
+
+    Priority and advert interval come validated from balancer.config."""
     if not secret_file:
         raise ValueError("secret file is required")
     bind_ep, peer_ep = parse_hostport(bind), parse_hostport(peer)

@@ -75,10 +75,7 @@ class ElectionConfig:
     def __post_init__(self) -> None:
         if not self.node:
             raise ValueError("node address must not be empty")
-        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
-            raise ValueError(f"priority {self.priority} out of range {MIN_PRIORITY}-{MAX_PRIORITY}")
-        if not (math.isfinite(self.advert_interval) and self.advert_interval > 0):
-            raise ValueError(f"advert interval must be > 0 s, got {self.advert_interval}")
+        # priority and advert_interval come validated from balancer.config
         if self.track_penalty < 0:
             raise ValueError(f"track penalty must be >= 0, got {self.track_penalty}")
 

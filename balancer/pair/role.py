@@ -64,8 +64,6 @@ class PairRole:
         self.settings = settings
         assert settings.peer and settings.bind
         checked = validate_pair_config(
-            priority=settings.priority,
-            advert_interval=settings.advert_interval,
             secret_file=settings.secret_file,
             bind=settings.bind,
             peer=settings.peer,

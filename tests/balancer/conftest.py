@@ -19,7 +19,7 @@ from aiohttp import web
 
 from backends.app import make_app
 from balancer.app import Balancer
-from balancer.config import BackendSpec, Config, HealthSettings, Timeouts
+from balancer.config import BackendSpec, Config, HealthCheckSettings, Timeouts
 
 IO_TIMEOUT = 10.0  # upper bound on every single socket wait; tests never sleep this long
 
@@ -69,17 +69,17 @@ async def make_backend() -> AsyncIterator[Callable[..., Awaitable[RunningBackend
 
 def make_config(specs: list[BackendSpec], **overrides: Any) -> Config:
     """A test Config: listener on port 0, checks off, short timeouts; `timeouts=`/`limits=`
-    /`health=` may be dicts of field overrides."""
+    /`health_check=` may be dicts of field overrides."""
     cfg = Config(
         listen="127.0.0.1:0",
         backends=tuple(specs),
-        health=HealthSettings(enabled=False),
+        health_check=HealthCheckSettings(enabled=False),
         timeouts=Timeouts(connect=1.0, client_header=5.0, idle_keepalive=5.0),
     )
     for key, cls_value in (
         ("timeouts", cfg.timeouts),
         ("limits", cfg.limits),
-        ("health", cfg.health),
+        ("health_check", cfg.health_check),
         ("retries", cfg.retries),
         ("outlier", cfg.outlier),
     ):
@@ -101,8 +101,9 @@ async def start_balancer() -> AsyncIterator[Callable[..., Awaitable[Balancer]]]:
 
     async def start(backends: list[Any], **overrides: Any) -> Balancer:
         specs = [b if isinstance(b, BackendSpec) else b.spec for b in backends]
+        load_config = overrides.pop("load_config", None)
         cfg = overrides.pop("cfg", None) or make_config(specs, **overrides)
-        bal = Balancer(cfg)
+        bal = Balancer(cfg, load_config=load_config)
         await bal.start()
         started.append(bal)
         return bal

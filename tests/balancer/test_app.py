@@ -105,13 +105,3 @@ async def test_a_reported_role_is_shown_and_announced(
         EventKind.ROLE,
         "standalone -> active: test",
     )
-
-
-async def test_an_unknown_event_kind_from_the_cluster_fails_loudly(
-    start_balancer: Callable[..., Awaitable[Balancer]],
-) -> None:
-    bal = await start_balancer(SPECS)
-    bal.cluster.on_event("pool-mode", "", "normal -> panic")
-    assert bal.events[-1].kind is EventKind.POOL_MODE
-    with pytest.raises(ValueError, match="not-a-kind"):
-        bal.cluster.on_event("not-a-kind", "", "")

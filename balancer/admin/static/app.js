@@ -122,7 +122,7 @@ function renderHeader(s) {
   role.title = detail.join("\n") || s.role;
   $("role-detail").textContent = detail.slice(0, 3).join(" · ");
   const mode = $("mode");
-  mode.textContent = s.mode === "normal" ? "pool normal" : s.mode;
+  mode.textContent = s.mode === "normal" ? "cluster normal" : s.mode;
   mode.className = "badge mode " + s.mode;
   const l = s.listener || {};
   $("listener").textContent = `${l.tls ? "https" : "http"}://${l.bound || l.configured}` +

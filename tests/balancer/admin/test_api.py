@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import trustme
 from backends.testing import RunningBackend, run_backend
 from balancer.admin.api import AdminError, AuthPolicy, SSEClient, authorize, is_loopback
 from balancer.app import Balancer
-from balancer.config import AdminSettings, BackendSpec
+from balancer.config import AdminSettings, BackendSpec, Config, from_args
 
 TOKEN = "s3cret-token"
 TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -286,24 +288,91 @@ async def test_bad_input_and_unknown_things(
     assert status == 404
 
 
-async def test_reload(
-    balancer: Balancer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+async def test_reload_without_a_source_is_501(
+    balancer: Balancer, session: aiohttp.ClientSession
 ) -> None:
     status, body = await api(session, balancer, "POST", "/api/reload")
     assert (status, body) == (501, {"error": "reload is not available (no configuration source)"})
-    calls: list[int] = []
-    monkeypatch.setattr(balancer, "reload_hook", lambda: calls.append(1), raising=False)
-    status, body = await api(session, balancer, "POST", "/api/reload")
-    assert (status, body, calls) == (200, {"reloaded": True}, [1])
-
-    def refused() -> None:
-        balancer.emit("reload-refused", "", "no backends")
-
-    monkeypatch.setattr(balancer, "reload_hook", refused, raising=False)
-    status, body = await api(session, balancer, "POST", "/api/reload")
-    assert (status, body) == (400, {"error": "reload refused: no backends"})
     status, _ = await api(session, balancer, "POST", "/api/reload", headers={})
     assert status == 401
+
+
+async def test_reload_reports_applied_restart_needed_and_refused(
+    start_balancer: Callable[..., Awaitable[Balancer]],
+    backends: list[RunningBackend],
+    token_file: str,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+) -> None:
+    path = tmp_path / "lb.toml"
+    access_log = tmp_path / "access.log"
+    addrs = ", ".join(f'"{bid(b)}"' for b in backends)
+    top = f'listen = "127.0.0.1:0"\nbackends = [{addrs}]\n'
+    tables = (
+        "[health_check]\nenabled = false\n"
+        f'[admin]\nlisten = "127.0.0.1:0"\ntoken_file = "{token_file}"\n'
+    )
+    path.write_text(top + tables)
+
+    def load() -> Config:
+        return from_args(["--config", str(path)], warn=lambda _: None)
+
+    bal = await start_balancer([], cfg=load(), load_config=load)
+    status, body = await api(session, bal, "POST", "/api/reload")
+    assert (status, body) == (200, {"applied": [], "restart_needed": [], "refused": None})
+
+    # live settings take effect at once; restart-only ones are named, not silently dropped
+    path.write_text(
+        top.replace("127.0.0.1:0", "127.0.0.1:1")
+        + f'access_log = "{access_log}"\nalgorithm = "least-connections"\n'
+        + tables
+        + "[retries]\nbudget_ratio = 0.5\n[outlier]\nmax_ejection = 30\n"
+    )
+    status, body = await api(session, bal, "POST", "/api/reload")
+    assert status == 200
+    assert body == {
+        "applied": ["algorithm", "access_log", "retries.budget_ratio"],
+        "restart_needed": ["listen", "outlier.max_ejection"],
+        "refused": None,
+    }
+    assert bal.cluster.algorithm == "least-connections" and bal.cluster.budget.ratio == 0.5
+    assert bal.cfg.listen == "127.0.0.1:0"  # the running value, so the next reload owes it too
+    assert bal.events[-1].kind == "reload"
+    assert bal.events[-1].detail == (
+        "applied algorithm, access_log, retries.budget_ratio; "
+        "restart needed for listen, outlier.max_ejection"
+    )
+    await send(session, bal, 1)
+    assert json.loads(access_log.read_text().splitlines()[0])["status"] == 200
+
+    # a bad file is refused as a whole: 422 with the one-line reason, nothing changes
+    path.write_text(top + tables + "[outlier]\nmax_ejection = 1\n")
+    status, body = await api(session, bal, "POST", "/api/reload")
+    reason = "outlier.max_ejection must be >= outlier.base_ejection (5), got 1"
+    assert status == 422
+    assert body == {
+        "applied": [],
+        "restart_needed": [],
+        "refused": reason,
+        "error": f"reload refused: {reason}",
+    }
+    assert bal.cluster.algorithm == "least-connections"
+    assert (bal.events[-1].kind, bal.events[-1].detail) == ("reload-refused", reason)
+
+
+async def test_reload_applies_log_level_and_attempts_live(
+    start_balancer: Callable[..., Awaitable[Balancer]], backends: list[RunningBackend]
+) -> None:
+    bal = await start_balancer([_spec(b) for b in backends])
+    root = logging.getLogger()
+    level = root.level
+    try:
+        new = replace(bal.cfg, log_level="error", retries=replace(bal.cfg.retries, attempts=1))
+        result = bal.apply(new)
+        assert (result.applied, result.restart_needed) == (["log_level", "retries.attempts"], [])
+        assert root.level == logging.ERROR and bal.ctx.attempts == 1
+    finally:
+        root.setLevel(level)
 
 
 async def test_dashboard_and_metrics_are_served(

@@ -89,6 +89,23 @@ async def test_counters_match_requests_sent(
     assert m[("lb_role", (("role", "standalone"),))] == 1
     assert m[("lb_role", (("role", "active"),))] == 0
     assert m[("lb_role_transitions_total", ())] == 0
+    # the cluster mode, under its new name and (deprecated) its old one
+    for name in ("lb_cluster_mode", "lb_pool_mode"):
+        assert m[(name, (("mode", "normal"),))] == 1
+        assert m[(name, (("mode", "panic"),))] == 0
+
+
+async def test_renamed_metric_says_deprecated_in_its_help(
+    start_balancer: Callable[..., Awaitable[Balancer]], backends: list[RunningBackend]
+) -> None:
+    bal = await start(start_balancer, backends)
+    async with (
+        aiohttp.ClientSession(timeout=TIMEOUT) as s,
+        s.get(bal.admin.url + "/metrics") as resp,
+    ):
+        text = await resp.text()
+    assert "# HELP lb_pool_mode deprecated: use lb_cluster_mode" in text
+    assert "# HELP lb_cluster_mode 1 for the cluster's current mode" in text
 
 
 async def test_each_balancer_has_its_own_registry(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,11 +13,17 @@ from balancer.config import (
     BackendSpec,
     Config,
     ConfigError,
+    ReloadResult,
+    build_parser,
+    diff,
     from_args,
+    in_effect,
     load_toml,
     parse_backend,
     split_hostport,
+    validate,
 )
+from balancer.config.schema import _leaf, flag_of, is_live, leaves
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -31,7 +38,7 @@ def test_defaults_are_explicit() -> None:
     cfg = from_args(["--backend", "127.0.0.1:9001"])
     assert cfg.backends == (BackendSpec("127.0.0.1", 9001),)
     assert cfg.listen == "127.0.0.1:8080" and cfg.algorithm == "round-robin"
-    assert cfg.timeouts.upstream_idle < 75
+    assert cfg.timeouts.backend_idle < 75
     assert cfg.limits.backend_max_connections > 0 and cfg.limits.queue_size > 0
 
 
@@ -48,7 +55,7 @@ connect = 2
 backend_response = 7.5
 [limits]
 max_headers = 50
-[health]
+[health_check]
 path = "/ready"
 interval = 1.0
 """,
@@ -61,7 +68,7 @@ interval = 1.0
         BackendSpec("10.0.0.2", 80, weight=3, backup=True),
     )
     assert cfg.timeouts.connect == 2 and cfg.timeouts.backend_response == 7.5
-    assert cfg.limits.max_headers == 50 and cfg.health.path == "/ready"
+    assert cfg.limits.max_headers == 50 and cfg.health_check.path == "/ready"
     flagged = from_args(
         [
             "--config", path,
@@ -72,7 +79,7 @@ interval = 1.0
             "--timeout-connect", "0.5",
             "--check-interval", "0.3",
             "--no-checks",
-            "--retries", "2",
+            "--attempts", "2",
         ]
     )  # fmt: skip
     assert flagged.listen == "127.0.0.1:9100" and flagged.algorithm == "source-hash"
@@ -80,8 +87,8 @@ interval = 1.0
     assert flagged.backends == (BackendSpec("10.0.0.9", 8080, weight=2.0),)
     # a flag replaces one field; the file's other fields in that section survive
     assert flagged.timeouts.connect == 0.5 and flagged.timeouts.backend_response == 7.5
-    assert flagged.health.interval == 0.3 and flagged.health.path == "/ready"
-    assert not flagged.health.enabled and flagged.retries.attempts == 2
+    assert flagged.health_check.interval == 0.3 and flagged.health_check.path == "/ready"
+    assert not flagged.health_check.enabled and flagged.retries.attempts == 2
     assert flagged.forwarded  # store_true flags cannot turn a file's true off
 
 
@@ -98,27 +105,38 @@ BAD_FLAGS = [
     (["--backend", "h:1,weight=x"], "weight must be a number"),
     (["--backend", "h:1,weight=0"], "weight must be in"),
     (["--backend", "h:1,color=red"], "unknown option"),
-    (["--backend", "h:1", "--backend", "h:1"], "listed twice"),
+    (["--backend", "h:1", "--backend", "h:1"], "backends (--backend) lists the same backend twice"),
     ([], "no backends"),
-    (["--backend", "h:1", "--listen", "nope"], "listen"),
-    (["--backend", "h:1", "--hash-key", "ip"], "invalid hash key"),
-    (["--backend", "h:1", "--hash-key", "header:"], "invalid hash key"),
-    (["--backend", "h:1", "--timeout-connect", "0"], "timeout connect must be > 0"),
-    (["--backend", "h:1", "--timeout-queue", "nan"], "timeout queue must be > 0"),
-    (["--backend", "h:1", "--timeout-upstream-idle", "75"], "below the backends' keep-alive"),
-    (["--backend", "h:1", "--retries", "0"], "retries"),
-    (["--backend", "h:1", "--check-interval", "0"], "health check"),
-    (["--backend", "h:1", "--check-rise", "0"], "health check"),
-    (["--backend", "h:1", "--check-path", "healthz"], "must start with /"),
-    (["--backend", "h:1", "--slow-start", "-1"], "slow start"),
+    (["--backend", "h:1", "--listen", "nope"], "listen (--listen): expected HOST:PORT"),
+    (["--backend", "h:1", "--algorithm", "random"], "argument --algorithm: invalid choice"),
+    (["--backend", "h:1", "--priority", "high"], "argument --priority: invalid int value"),
+    (["--backend", "h:1", "--hash-key", "ip"], "hash_key (--hash-key) 'ip' is invalid"),
+    (["--backend", "h:1", "--hash-key", "header:"], "hash_key (--hash-key) 'header:' is invalid"),
+    (["--backend", "h:1", "--discover", "x"], "discover (--discover): expected HOST:PORT"),
+    (["--backend", "h:1", "--timeout-connect", "0"], "timeouts.connect (--timeout-connect) must"),
+    (["--backend", "h:1", "--timeout-queue", "nan"], "timeouts.queue (--timeout-queue) must"),
+    (["--backend", "h:1", "--timeout-tunnel-idle", "inf"], "timeouts.tunnel_idle"),
+    (["--backend", "h:1", "--timeout-backend-idle", "75"], "below the backends' keep-alive"),
+    (["--backend", "h:1", "--attempts", "0"], "retries.attempts (--attempts) must be"),
+    (["--backend", "h:1", "--check-interval", "0"], "health_check.interval (--check-interval)"),
+    (["--backend", "h:1", "--check-timeout", "-1"], "health_check.timeout (--check-timeout)"),
+    (["--backend", "h:1", "--check-rise", "0"], "health_check.rise (--check-rise) must be"),
+    (["--backend", "h:1", "--check-fall", "0"], "health_check.fall (--check-fall) must be"),
+    (["--backend", "h:1", "--check-path", "healthz"], "health_check.path (--check-path) must"),
+    (["--backend", "h:1", "--slow-start", "-1"], "slow_start (--slow-start) must be"),
     (["--backend", "h:1", "--tls-cert", "c.pem"], "in pairs"),
-    (["--backend", "h:1", "--tls-cert", "/no/c.pem", "--tls-key", "/no/k.pem"], "not found"),
+    (["--backend", "h:1", "--tls-cert", "/no/c.pem", "--tls-key", "/no/k.pem"], "tls.certs"),
     (["--backend", "h:1", "--redirect-http", ":80"], "needs an HTTPS listener"),
-    (["--backend", "h:1", "--admin", "x"], "admin"),
+    (["--backend", "h:1", "--admin", "x"], "admin.listen (--admin): expected HOST:PORT"),
     (["--backend", "h:1", "--admin-cert", "c.pem"], "go together"),
-    (["--backend", "h:1", "--peer", "127.0.0.1:1"], "secret-file"),
+    (["--backend", "h:1", "--priority", "0"], "pair.priority (--priority) must be between"),
+    (["--backend", "h:1", "--priority", "255"], "pair.priority (--priority) must be between"),
+    (["--backend", "h:1", "--advert-interval", "0"], "pair.advert_interval (--advert-interval)"),
+    (["--backend", "h:1", "--peer", "127.0.0.1:1"], "pair.secret_file (--secret-file)"),
+    (["--backend", "h:1", "--peer", ":1"], "pair.peer (--peer): expected HOST:PORT"),
     (["--backend", "h:1", "--vip", "10.0.0.5"], "ADDR/PREFIX"),
-    (["--backend", "h:1", "--vip", "10.0.0.5/24"], "vip-interface"),
+    (["--backend", "h:1", "--vip", "nope/24"], "ADDR/PREFIX"),
+    (["--backend", "h:1", "--vip", "10.0.0.5/24"], "pair.vip_interface (--vip-interface)"),
     (["--backend", "h:1", "--config", "/no/such.toml"], "not found"),
 ]
 
@@ -135,13 +153,21 @@ def test_pair_checks(tmp_path: Path) -> None:
     secret = tmp_path / "s"
     secret.write_text("x")
     base = ["--backend", "h:1", "--peer", "127.0.0.1:1", "--secret-file", str(secret)]
-    with pytest.raises(ConfigError, match="bind-election"):
+    with pytest.raises(ConfigError, match=r"pair.bind \(--bind-election\) is required"):
         from_args(base)
-    with pytest.raises(ConfigError, match="same address"):
+    with pytest.raises(ConfigError, match="is this node itself"):
         from_args([*base, "--bind-election", "127.0.0.1:1"])
-    with pytest.raises(ConfigError, match="priority"):
+    for bind in ("127.0.0.1:x", ":2"):
+        with pytest.raises(ConfigError, match=r"pair.bind \(--bind-election\): expected HOST:"):
+            from_args([*base, "--bind-election", bind])
+    with pytest.raises(ConfigError, match=r"pair\.priority"):
         from_args([*base, "--bind-election", "127.0.0.1:2", "--priority", "255"])
-    assert from_args([*base, "--bind-election", "127.0.0.1:2"]).pair.peer == "127.0.0.1:1"
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(ConfigError, match=r"pair.secret_file \(--secret-file\) is empty"):
+        from_args([*base, "--bind-election", "127.0.0.1:2", "--secret-file", str(empty)])
+    ok = from_args([*base, "--bind-election", "127.0.0.1:2", "--priority", "254"])
+    assert ok.pair.peer == "127.0.0.1:1" and ok.pair.priority == 254
 
 
 BAD_TOML = [
@@ -150,7 +176,7 @@ BAD_TOML = [
     ("[timeouts]\nconect = 1", "unknown setting(s) conect"),
     ('[timeouts]\nconnect = "fast"', "connect must be a number"),
     ("[limits]\nmax_headers = 1.5", "max_headers must be an integer"),
-    ('[health]\nenabled = "no"', "enabled must be true or false"),
+    ('[health_check]\nenabled = "no"', "enabled must be true or false"),
     ("timeouts = 3", "must be a table"),
     ('backends = "h:1"', "backends must be a list"),
     ("backends = [5]", "invalid entry"),
@@ -160,21 +186,38 @@ BAD_TOML = [
     ('backends = [{address = "h:1", weight = -1}]', "weight must be in"),
     ('backends = ["h:1"]\nlisten = 5', "listen must be a string"),
     ('backends = ["h:1"]\nforwarded = "yes"', "forwarded must be true or false"),
-    ('backends = ["h:1"]\nlog_level = "verbose"', "unknown log level"),
+    ('backends = ["h:1"]\nlog_level = "verbose"', "log_level (--log-level) 'verbose' is unknown"),
     ('backends = ["h:1"]\ndiscover = "x:1"', "discover must be a list"),
-    ('backends = ["h:1"]\nalgorithm = "random"', "unknown algorithm"),
+    ('backends = ["h:1"]\nalgorithm = "random"', "algorithm (--algorithm) 'random' is unknown"),
     ('backends = ["h:1"]\ndiscover_interval = 0', "discover_interval"),
     ('backends = ["h:1"]\n[tls]\ncerts = "x"', "certs must be a list"),
     ('backends = ["h:1"]\n[tls]\ncerts = [["a"]]', "certs must be a list"),
-    ('backends = ["h:1"]\n[limits]\nqueue_size = -1', "queue_size must be >= 0"),
+    ('backends = ["h:1"]\n[limits]\nqueue_size = -1', "limits.queue_size must be >= 0"),
+    ('backends = ["h:1"]\n[limits]\nmax_headers = 0', "limits.max_headers must be >= 1"),
+    ('backends = ["h:1"]\n[limits]\nbackend_max_connections = 0', "must be >= 1, got 0"),
+    ('backends = ["h:1"]\n[outlier]\nmax_ejection = 1', "outlier.max_ejection must be >="),
+    ('backends = ["h:1"]\n[outlier]\nbase_ejection = 0', "outlier.base_ejection must be"),
+    ('backends = ["h:1"]\n[outlier]\nconsecutive_failures = 0', "outlier.consecutive_failures"),
+    ('backends = ["h:1"]\n[outlier]\nconsecutive_5xx = 0', "outlier.consecutive_5xx must be"),
+    ('backends = ["h:1"]\n[outlier]\nmax_ejection_percent = 101', "max_ejection_percent must"),
+    ('backends = ["h:1"]\n[outlier]\nmax_ejection_percent = -1', "max_ejection_percent must"),
+    ('backends = ["h:1"]\n[retries]\nbudget_ratio = -0.1', "retries.budget_ratio must be"),
+    ('backends = ["h:1"]\n[retries]\nbudget_min_per_second = -1', "budget_min_per_second must"),
+    ('backends = ["h:1"]\n[retries]\nbudget_ratio = nan', "retries.budget_ratio must be"),
+    ('backends = ["h:1"]\n[health_check]\nfast_interval = 0', "health_check.fast_interval"),
+    ('backends = ["h:1"]\n[pair]\nadvert_interval = -1', "pair.advert_interval"),
+    ('backends = ["h:1"]\n[tls]\nbackend_cert = "c.pem"', "tls.backend_cert and tls.backend_key"),
+    ('backends = ["h:1"]\n[timeouts]\nbackend_idle = 80', "timeouts.backend_idle"),
+    ('backends = ["h:1"]\n[health]\n[health_check]', "give only [health_check]"),
+    ('backends = ["h:1"]\n[timeouts]\nupstream_idle = 1\nbackend_idle = 2', "give only"),
 ]
 
 
 @pytest.mark.parametrize(("text", "words"), BAD_TOML, ids=[t for t, _ in BAD_TOML])
 def test_bad_toml(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
-        from_args(["--config", toml(tmp_path, text)])
-    assert words in str(err.value)
+        from_args(["--config", toml(tmp_path, text)], warn=lambda _: None)
+    assert words in str(err.value) and "\n" not in str(err.value)
 
 
 def test_toml_read_errors(tmp_path: Path) -> None:
@@ -233,3 +276,180 @@ def test_cli_cannot_bind_is_one_line(tmp_path: Path) -> None:
         res = run_cli("--backend", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}", "--no-checks")
     assert res.returncode == 2 and "cannot start" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_outlier_rule_is_one_line_exit_2(tmp_path: Path) -> None:
+    # this used to start the process, then die with a ValueError traceback
+    path = toml(tmp_path, 'backends = ["127.0.0.1:1"]\n[outlier]\nmax_ejection = 1\n')
+    res = run_cli("--config", path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == (
+        "balancer: outlier.max_ejection must be >= outlier.base_ejection (5), got 1"
+    )
+
+
+def test_cli_argparse_error_is_one_line() -> None:
+    res = run_cli("--backend", "h:1", "--priority", "high")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "balancer: argument --priority: invalid int value: 'high'"
+
+
+# --- renamed flags and keys ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "read"),
+    [
+        (["--retries", "2"], "--attempts", lambda c: c.retries.attempts == 2),
+        (["--retries=2"], "--attempts", lambda c: c.retries.attempts == 2),
+        (
+            ["--timeout-upstream-idle", "9"],
+            "--timeout-backend-idle",
+            lambda c: c.timeouts.backend_idle == 9,
+        ),
+    ],
+)
+def test_deprecated_flags_still_work_with_one_warning(old: list[str], new: str, read: Any) -> None:
+    warnings: list[str] = []
+    cfg = from_args(["--backend", "h:1", *old], warn=warnings.append)
+    assert read(cfg)
+    assert len(warnings) == 1 and new in warnings[0] and "deprecated" in warnings[0]
+
+
+def test_deprecated_toml_names_still_work_with_one_warning(tmp_path: Path) -> None:
+    path = toml(
+        tmp_path,
+        'backends = ["h:1"]\n[health]\nrise = 4\n[timeouts]\nupstream_idle = 9\n',
+    )
+    warnings: list[str] = []
+    cfg = from_args(["--config", path], warn=warnings.append)
+    assert cfg.health_check.rise == 4 and cfg.timeouts.backend_idle == 9
+    assert len(warnings) == 2
+    assert "[health] is deprecated, use [health_check]" in warnings[0]
+    assert "upstream_idle is deprecated, use backend_idle" in warnings[1]
+
+
+def test_cli_deprecation_warning_is_one_line_on_stderr() -> None:
+    res = run_cli("--retries", "0", "--backend", "h:1")  # invalid: exits after warning
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "balancer: warning: --retries is deprecated, use --attempts",
+        "balancer: retries.attempts (--attempts) must be an integer >= 1, got 0",
+    ]
+
+
+def test_example_toml_uses_only_new_names() -> None:
+    warnings: list[str] = []
+    cfg = load_toml(str(REPO / "docs" / "example.toml"), warn=warnings.append)
+    assert warnings == []
+    validate(cfg)
+
+
+# --- the schema: reload behaviour and flags come from field metadata ----------------------------
+
+
+def test_every_setting_says_whether_a_reload_applies_it() -> None:
+    keys = leaves(Config())
+    for key in keys:
+        assert isinstance(_leaf(key).metadata.get("live"), bool), key
+    assert is_live("timeouts.connect") and is_live("access_log") and is_live("log_level")
+    assert is_live("retries.budget_ratio") and is_live("admin.token_file")
+    assert not is_live("listen") and not is_live("health_check.interval")
+    assert not is_live("outlier.max_ejection") and not is_live("pair.priority")
+
+
+def test_every_flag_in_the_schema_exists_on_the_command_line() -> None:
+    options = {o for a in build_parser()._actions for o in a.option_strings}
+    for key in leaves(Config()):
+        flag = flag_of(key)
+        if flag is not None:
+            assert flag in options or f"--no-{flag[2:]}" in options or flag == "--no-checks", key
+
+
+def test_every_command_line_flag_sets_a_schema_setting() -> None:
+    in_schema = {flag_of(key) for key in leaves(Config())}
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option in ("-h", "--help", "--config", "--tls-key", "--no-preempt"):
+                continue  # --tls-key is the other half of --tls-cert
+            assert option in in_schema, option
+
+
+def test_every_flag_reaches_its_setting(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    cfg = from_args(
+        [
+            "--backend", "h:1", "--discover", "svc:80", "--listen", "127.0.0.1:1",
+            "--algorithm", "source-hash", "--hash-key", "cookie:u", "--slow-start", "2",
+            "--access-log", "-", "--log-level", "debug", "--forwarded", "--tls-facts",
+            "--admin", "127.0.0.1:2", "--admin-token-file", "t", "--admin-client-ca", "ca",
+            "--peer", "127.0.0.1:3", "--bind-election", "127.0.0.1:4", "--priority", "7",
+            "--advert-interval", "0.5", "--no-preempt", "--secret-file", str(secret),
+            "--timeout-backend-idle", "9", "--attempts", "4", "--check-path", "/r",
+            "--check-interval", "1", "--check-timeout", "0.7", "--check-rise", "3",
+            "--check-fall", "4", "--no-checks",
+        ]
+    )  # fmt: skip
+    assert cfg.discover == ("svc:80",) and cfg.listen == "127.0.0.1:1"
+    assert (cfg.algorithm, cfg.hash_key, cfg.slow_start) == ("source-hash", "cookie:u", 2)
+    assert (cfg.access_log, cfg.log_level, cfg.forwarded, cfg.tls_facts) == (
+        "-",
+        "debug",
+        True,
+        True,
+    )
+    assert (cfg.admin.listen, cfg.admin.token_file, cfg.admin.client_ca) == (
+        "127.0.0.1:2",
+        "t",
+        "ca",
+    )
+    p = cfg.pair
+    assert (p.peer, p.bind, p.priority, p.advert_interval) == ("127.0.0.1:3", "127.0.0.1:4", 7, 0.5)
+    assert not p.preempt and p.secret_file == str(secret)
+    assert cfg.timeouts.backend_idle == 9 and cfg.retries.attempts == 4
+    h = cfg.health_check
+    assert (h.path, h.interval, h.timeout, h.rise, h.fall, h.enabled) == ("/r", 1, 0.7, 3, 4, False)
+
+
+def test_reload_diff_sorts_changes_by_the_schema() -> None:
+    old = from_args(["--backend", "h:1"])
+    new = from_args(
+        [
+            "--backend", "h:2",
+            "--listen", "127.0.0.1:9",
+            "--access-log", "-",
+            "--log-level", "debug",
+            "--check-rise", "5",
+            "--timeout-connect", "3",
+        ]
+    )  # fmt: skip
+    result = diff(old, new)
+    assert result.applied == ["backends", "access_log", "log_level", "timeouts.connect"]
+    assert result.restart_needed == ["listen", "health_check.rise"]
+    assert result.refused is None
+    assert result.summary() == (
+        "applied backends, access_log, log_level, timeouts.connect; "
+        "restart needed for listen, health_check.rise"
+    )
+    assert diff(old, old).summary() == "no changes"
+    # what runs after the reload: live values are new, restart-only ones stay as they were
+    running = in_effect(old, new)
+    assert running.backends == new.backends and running.timeouts.connect == 3
+    assert running.listen == old.listen and running.health_check.rise == old.health_check.rise
+    assert diff(running, new).restart_needed == ["listen", "health_check.rise"]  # still owed
+
+
+def test_refused_reload_result() -> None:
+    result = ReloadResult(refused="no backends")
+    assert result.as_dict() == {"applied": [], "restart_needed": [], "refused": "no backends"}
+    assert result.summary() == "refused, keeping the old configuration: no backends"
+
+
+def test_config_package_imports_no_io_modules() -> None:
+    code = (
+        "import sys, balancer.config\n"
+        "print(sorted({'asyncio', 'socket', 'ssl'} & set(sys.modules)))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -265,7 +265,7 @@ def test_an_expired_waiter_frees_the_queue_of_the_listener_it_waited_on() -> Non
 
 
 def test_idle_backend_connections_expire() -> None:
-    pb = Playbook(backends=1, timeouts={"upstream_idle": 15.0})
+    pb = Playbook(backends=1, timeouts={"backend_idle": 15.0})
     c = pb.client()
     pb.feed(c, GET)
     conn = pb.connect()

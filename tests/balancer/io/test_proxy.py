@@ -465,9 +465,9 @@ async def test_connect_timeout(start_balancer, session):  # type: ignore[no-unty
         lsock.close()
 
 
-async def test_upstream_idle_connections_are_closed(start_balancer, raw_backend, session):  # type: ignore[no-untyped-def]
+async def test_idle_backend_connections_are_closed(start_balancer, raw_backend, session):  # type: ignore[no-untyped-def]
     backend = await raw_backend()
-    bal = await start_balancer([backend], timeouts={"upstream_idle": 0.3})
+    bal = await start_balancer([backend], timeouts={"backend_idle": 0.3})
     async with session.get(url(bal, "/")) as r:
         assert r.status == 200
     assert await backend.wait_for(lambda: backend.conns[0].closed)

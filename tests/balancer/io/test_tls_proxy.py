@@ -339,7 +339,7 @@ def test_reencryption_verifies_backends_against_our_ca(
         "--backend-ca",
         ca_file(ca),
         "--no-checks",
-        "--retries",
+        "--attempts",
         "1",
         name="lone",
     )

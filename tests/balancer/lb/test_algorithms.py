@@ -1,4 +1,4 @@
-"""Unit tests for balancer.schedulers (pure cores: no clock, seeded rng)."""
+"""Unit tests for balancer.lb.algorithms (pure cores: no clock, seeded rng)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 
 from balancer.lb.algorithms import (
-    SCHEDULERS,
+    ALGORITHMS,
+    Algorithm,
     LeastConnections,
     RoundRobin,
-    Scheduler,
     SourceHash,
-    make_scheduler,
+    make_algorithm,
 )
 
 
@@ -178,7 +178,7 @@ def test_lc_distribution_matches_weights(weights: tuple[float, ...]) -> None:
 # --- source hash (weighted rendezvous) -------------------------------------------------------
 
 
-def assignment(sched: Scheduler, targets: Sequence[B]) -> list[str]:
+def assignment(sched: Algorithm, targets: Sequence[B]) -> list[str]:
     pick = sched.pick
     return [pick(targets, k).id for k in KEYS]  # type: ignore[union-attr]
 
@@ -252,10 +252,10 @@ def test_hrw_forget_is_harmless() -> None:
 # --- registry and edge cases ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 @pytest.mark.parametrize("key", [None, b"10.0.0.1"])
 def test_empty_targets_give_none(name: str, key: bytes | None) -> None:
-    sched = make_scheduler(name, random.Random(0))
+    sched = make_algorithm(name, random.Random(0))
     assert sched.pick([], key) is None
 
 
@@ -265,13 +265,13 @@ def test_registry_and_factory() -> None:
         "least-connections": LeastConnections,
         "source-hash": SourceHash,
     }
-    assert expected == SCHEDULERS
-    for name, cls in SCHEDULERS.items():
-        sched = make_scheduler(name, random.Random(0))
+    assert expected == ALGORITHMS
+    for name, cls in ALGORITHMS.items():
+        sched = make_algorithm(name, random.Random(0))
         assert type(sched) is cls
         assert sched.name == name
 
 
-def test_unknown_scheduler_name() -> None:
-    with pytest.raises(ValueError, match=r"unknown scheduler 'fastest'.*round-robin"):
-        make_scheduler("fastest", random.Random(0))
+def test_unknown_algorithm_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown algorithm 'fastest'.*round-robin"):
+        make_algorithm("fastest", random.Random(0))

@@ -45,8 +45,6 @@ def test_load_secret(tmp_path: Path, secret_file: Path) -> None:
 
 def test_validate_pair_config_accepts_a_good_pair(secret_file: Path) -> None:
     pair = validate_pair_config(
-        priority=150,
-        advert_interval=0.2,
         secret_file=secret_file,
         bind="0.0.0.0:5405",
         peer="172.20.0.12:5405",
@@ -59,24 +57,18 @@ def test_validate_pair_config_accepts_a_good_pair(secret_file: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"priority": 0}, "priority 0 out of range 1-254"),
-        ({"priority": 255}, "priority 255 out of range 1-254"),
-        ({"advert_interval": 0}, "advert interval must be > 0 s, got 0"),
-        ({"advert_interval": -1.0}, "advert interval must be > 0 s, got -1.0"),
         ({"secret_file": None}, "secret file is required"),
         ({"secret_file": "/nonexistent/secret"}, "secret file /nonexistent/secret not found"),
         ({"peer": "127.0.0.1:5405"}, "peer 127.0.0.1:5405 is this node itself"),
         ({"peer": "172.20.0.11:5405"}, "peer 172.20.0.11:5405 is this node itself"),
-        ({"peer": "nonsense"}, "invalid address 'nonsense': expected HOST:PORT"),
-        ({"bind": "127.0.0.1:99999"}, "invalid address '127.0.0.1:99999': expected HOST:PORT"),
+        ({"peer": "nonsense"}, "address: expected HOST:PORT, got 'nonsense'"),
+        ({"bind": "127.0.0.1:99999"}, "address: expected HOST:PORT, got '127.0.0.1:99999'"),
     ],
 )
 def test_validate_pair_config_errors(
     secret_file: Path, overrides: dict[str, object], message: str
 ) -> None:
     kwargs: dict[str, object] = {
-        "priority": 100,
-        "advert_interval": 0.2,
         "secret_file": secret_file,
         "bind": "127.0.0.1:5405",
         "peer": "127.0.0.2:5405",
@@ -93,9 +85,7 @@ def test_validate_pair_config_empty_secret(tmp_path: Path) -> None:
     empty = tmp_path / "secret"
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
-        validate_pair_config(
-            priority=100, advert_interval=0.2, secret_file=empty, bind="a:1", peer="b:1"
-        )
+        validate_pair_config(secret_file=empty, bind="a:1", peer="b:1")
 
 
 def test_parse_hostport() -> None:

@@ -317,13 +317,13 @@ def test_equal_priorities_elect_exactly_one(cluster: Cluster) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"--secret-file": "missing"}, "secret file not found"),
-        ({"--priority": "0"}, "priority must be between 1 and 254"),
-        ({"--priority": "255"}, "priority must be between 1 and 254"),
-        ({"--vip": "10.9.0.100/24"}, "--vip needs --vip-interface"),
-        ({"--vip": "10.9.0.300/24", "--vip-interface": "eth0"}, "invalid --vip"),
-        ({"--vip": "10.9.0.100", "--vip-interface": "eth0"}, "invalid --vip"),
-        ({"--peer": "127.0.0.1:7946"}, "--peer and --bind-election are the same address"),
+        ({"--secret-file": "missing"}, "pair.secret_file (--secret-file) names a file that is"),
+        ({"--priority": "0"}, "pair.priority (--priority) must be between 1 and 254"),
+        ({"--priority": "255"}, "pair.priority (--priority) must be between 1 and 254"),
+        ({"--vip": "10.9.0.100/24"}, "pair.vip_interface (--vip-interface) is required"),
+        ({"--vip": "10.9.0.300/24", "--vip-interface": "eth0"}, "pair.vip (--vip) must be"),
+        ({"--vip": "10.9.0.100", "--vip-interface": "eth0"}, "pair.vip (--vip) must be"),
+        ({"--peer": "127.0.0.1:7946"}, "pair.peer (--peer) is this node itself"),
     ],
 )
 def test_bad_pair_settings_are_refused(
