@@ -129,7 +129,6 @@ def test_local_target_cannot_add_backends(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_local_restart_backend_drill(tmp_path: Path) -> None:
-    pytest.importorskip("balancer.admin", reason="the balancer admin API is not there yet")
     out = tmp_path / "rb.json"
     argv = ["restart-backend", "--local", "--quiet", "--json", str(out)]
     assert drill.main([*argv, "--rate", "50", "--duration", "5", "--fault-at", "1.5"]) == 0

@@ -16,8 +16,6 @@ import pytest
 from harness import LocalStack, wait_gone
 from loadtest import drill
 
-pytest.importorskip("balancer.admin", reason="the balancer admin API is not there yet")
-
 
 def _stack(tmp_path: Path, **kw: object) -> LocalStack:
     return LocalStack.ephemeral(workdir=tmp_path / "run", **kw)
