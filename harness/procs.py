@@ -289,14 +289,20 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def _socket_inodes(pid: int) -> set[str] | None:
+    """The socket inodes `pid` holds; None when its fds cannot be read (another user)."""
     inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return set()  # exited in the meantime: holds nothing
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
     return inodes
 
 
@@ -311,10 +317,13 @@ def listener_problem(child: Child, port: int) -> str | None:
         return f"nothing listens on port {port}"
     ours: set[str] = set()
     for pid in _session_pids(child.pid) or [child.pid]:
-        ours |= _socket_inodes(pid)
-    if not ours:
-        return None  # cannot read its fds (another user): trust the probe
+        held = _socket_inodes(pid)
+        if held is None:
+            return None  # cannot read its fds: trust the probe
+        ours |= held
     strangers = listening - ours
+    if strangers == listening:
+        return f"port {port} is held by another process, not by {child.name}"
     if strangers:
         return f"port {port} is also held by another process (socket inodes {sorted(strangers)})"
     return None
