@@ -1,6 +1,7 @@
 """The VIP's gratuitous ARP frame, and add/remove over netlink in a namespace we create."""
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ needs_netns = pytest.mark.skipif(
 )
 
 
-def _run_in(ns: str, code: str) -> None:
+def _run_in(ns: str, code: str) -> subprocess.CompletedProcess[str]:
     """Run Python code inside the namespace, as the balancer would run there."""
     out = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", code],
@@ -41,6 +42,7 @@ def _run_in(ns: str, code: str) -> None:
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert out.returncode == 0, out.stderr
+    return out
 
 
 def _addresses(ns: str, ifname: str) -> str:
@@ -77,16 +79,25 @@ def test_vip_add_and_remove_inside_a_namespace() -> None:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "dum0", "up"], check=True)
         _run_in(ns, code)
         assert "10.77.0.100/24" in _addresses(ns, "dum0")
-        _run_in(ns, code.replace("await v.add()", "await v.remove()"))
+        removed = code.replace("await v.add()", "await v.remove()")
+        _run_in(ns, removed)
         assert "10.77.0.100" not in _addresses(ns, "dum0")
+        # at startup a passive removes a VIP it does not hold: no error, no warning
+        logged = "import logging; logging.basicConfig(level=logging.WARNING)\n" + removed
+        again = _run_in(ns, logged)
+        assert (again.stdout, again.stderr) == ("added\n", "")
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def test_remove_of_an_absent_vip_is_quiet() -> None:
-    # at startup a passive removes a VIP it does not hold: that must not raise
+def test_remove_on_a_missing_interface_warns(caplog: pytest.LogCaptureFixture) -> None:
+    # remove() never raises (a passive calls it at startup), so a wrong interface name
+    # must at least show in the log rather than pass in silence
     v = VirtualIP("10.77.0.100/24", "no-such-if0")
-    asyncio.run(v.remove())
+    with caplog.at_level(logging.WARNING, logger="balancer.pair"):
+        asyncio.run(v.remove())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no-such-if0" in warnings[0], warnings
 
 
 def test_netlink_message_matches_ip_addr_replace() -> None:
