@@ -49,10 +49,30 @@ class BalancerProc(Child):
     # life cycle -----------------------------------------------------------------------------
     def start(self) -> BalancerProc:
         """Start (again, after a stop) and wait until ready."""
-        self.port, self.admin_url = 0, ""
-        super().start()
-        self.wait_ready(self._ready, self.start_timeout)
+        self.start_nowait()
+        self.wait_until_ready()
         return self
+
+    def start_nowait(self) -> BalancerProc:
+        """Start without waiting (a drill measures how long the restart takes to show)."""
+        self._pin_ports()
+        super().start()
+        return self
+
+    def _pin_ports(self) -> None:
+        # a restart comes back on the ports it had: clients and drills keep their URLs
+        for flag, host, port in (
+            ("--listen", self.host, self.port),
+            ("--admin", self.admin_host, self.admin_port if self.admin_url else 0),
+        ):
+            if port and flag in self.argv:
+                i = self.argv.index(flag) + 1
+                if self.argv[i].endswith(":0"):
+                    self.argv[i] = f"{host}:{port}"
+
+    def wait_until_ready(self) -> None:
+        """Raise StartError (with the log) unless it is ready within `start_timeout`."""
+        self.wait_ready(self._ready, self.start_timeout)
 
     def _ready(self) -> str | None:
         out = self.output()

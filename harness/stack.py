@@ -214,7 +214,9 @@ class LocalStack:
                 # a pair node starts passive: only the active binds the service
                 self.balancers.append(self._balancer(name, argv, listens=False))
         for node in self.balancers:
-            node.start()
+            node.start_nowait()  # they boot together; each is checked below
+        for node in self.balancers:
+            node.wait_until_ready()
         # the service answers 200 once the checks have marked a backend up, and the
         # process answering must be ours (a is the active of a pair: higher priority)
         first = self.balancers[0]
@@ -260,11 +262,14 @@ class LocalStack:
     def kill_balancer(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.balancer(name).signal(sig)
 
-    def restart_balancer(self, name: str) -> None:
-        """Start balancer `name` again; returns once its admin API answers."""
+    def restart_balancer(self, name: str, wait: bool = False) -> None:
+        """Start balancer `name` again (a drill times the recovery itself: no wait)."""
         proc = self.balancer(name)
         proc.stop(grace=2.0)
-        proc.start()
+        if wait:
+            proc.start()
+        else:
+            proc.start_nowait()
 
     # helpers ------------------------------------------------------------------------------
     def _issue_certs(self) -> tuple[str, str]:

@@ -125,3 +125,15 @@ def test_a_stranger_sharing_the_port_is_reported(harness: Harness) -> None:
         problem = listener_problem(child, port)
     assert problem is not None and problem.startswith(f"port {port} is also held by another")
     assert listener_problem(child, port) is None  # the stranger has gone
+
+
+def test_a_restarted_balancer_keeps_its_ports(harness: Harness) -> None:
+    b = harness.backend("a")
+    lb = harness.balancer(
+        "--listen", "127.0.0.1:0", "--backend", b.address, "--admin", "127.0.0.1:0"
+    )
+    url, admin_url, pid = lb.url, lb.admin_url, lb.pid
+    lb.stop()
+    lb.start()
+    assert (lb.url, lb.admin_url) == (url, admin_url) and lb.pid != pid
+    assert lb.get("/").headers["X-Backend"] == "a"
