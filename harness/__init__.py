@@ -13,6 +13,7 @@ teardown that leaves no process behind.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,13 +82,10 @@ class Harness:
             path = self.workdir / f"{name}-{n}.log"
         return path
 
-    def _own_child(self, child: Child) -> None:
-        self.children.append(child)
-
     def backend(self, name: str, **kwargs: Any) -> BackendProc:
         """A ready `python -m backends --name NAME` (keywords: see BackendProc)."""
         proc = BackendProc(name, self._log(f"backend-{name}"), **kwargs)
-        self._own_child(proc)
+        self.children.append(proc)
         return proc.start()
 
     def balancer(
@@ -101,14 +99,14 @@ class Harness:
         """A ready `python -m balancer ARGS` (see BalancerProc for what ready means)."""
         kw: dict[str, Any] = {} if start_timeout is None else {"start_timeout": start_timeout}
         proc = BalancerProc(name, args, self._log(name), admin=admin, listens=listens, **kw)
-        self._own_child(proc)
+        self.children.append(proc)
         return proc.start()
 
     def child(self, name: str, argv: Sequence[str], **kwargs: Any) -> Child:
         """Any other child (nginx, HAProxy, a proxy under test), started, not waited for:
         follow with `wait_listening(port, timeout)` or `wait_ready(check, timeout)`."""
         proc = Child(name, argv, self._log(name), **kwargs)
-        self._own_child(proc)
+        self.children.append(proc)
         return proc.start()
 
     def stack(self, **kwargs: Any) -> LocalStack:
@@ -151,8 +149,6 @@ class Harness:
     ) -> None:
         left = self.close(failed=exc is not None)
         if exc is not None:
-            import sys
-
             print(f"harness: logs kept in {self.workdir}", file=sys.stderr)
         if left and exc is None:
             raise RuntimeError(f"harness: processes survived the teardown: {left}")

@@ -25,7 +25,15 @@ from typing import Any
 from harness.backends import BackendProc
 from harness.balancers import BalancerProc, pair_args
 from harness.http import probe
-from harness.procs import HOST, REPO, Child, StartError, free_port, listener_problem
+from harness.procs import (
+    HOST,
+    REPO,
+    Child,
+    StartError,
+    free_port,
+    free_ports,
+    listener_problem,
+)
 
 ALGORITHMS = ("round-robin", "least-connections", "source-hash")
 BACKEND_PORTS = (9101, 9102, 9103)
@@ -98,8 +106,8 @@ class LocalStack:
         kwargs.setdefault("backend_ports", (0, 0, 0))
         kwargs.setdefault("admin_ports", (0, 0))
         kwargs.setdefault("listen_port", free_port() if pair else 0)
-        udp = socket.SOCK_DGRAM
-        kwargs.setdefault("election_ports", (free_port(kind=udp), free_port(kind=udp)))
+        election = free_ports(2, kind=socket.SOCK_DGRAM)  # held together: they differ
+        kwargs.setdefault("election_ports", (election[0], election[1]))
         return cls(pair=pair, **kwargs)
 
     # addresses --------------------------------------------------------------------------

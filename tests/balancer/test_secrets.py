@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import BackendProc, BalancerProc, free_port, pair_args, wait_until
+from harness import BackendProc, BalancerProc, free_port, free_ports, pair_args, wait_until
 
 
 def test_token_and_pair_secret_are_never_logged_or_served(
@@ -19,14 +19,14 @@ def test_token_and_pair_secret_are_never_logged_or_served(
     (tmp_path / "token").write_text(token + "\n")
     (tmp_path / "pair.secret").write_text(pair_secret + "\n")
     b1 = backend("b1")
-    udp = socket.SOCK_DGRAM
+    election, peer = free_ports(2, kind=socket.SOCK_DGRAM)
     lb = balancer(
         *("--listen", f"127.0.0.1:{free_port()}", "--backend", b1.address),
         *("--admin", "127.0.0.1:0", "--admin-token-file", str(tmp_path / "token")),
         *("--log-level", "debug"),
         *pair_args(
-            election=free_port(kind=udp),
-            peer=free_port(kind=udp),
+            election=election,
+            peer=peer,
             priority=100,
             secret_file=tmp_path / "pair.secret",
         ),

@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from harness import REPO, BackendProc, BalancerProc, Harness, free_port, pair_args, wait_until
+from harness import (
+    REPO,
+    BackendProc,
+    BalancerProc,
+    Harness,
+    free_port,
+    free_ports,
+    pair_args,
+    wait_until,
+)
 
 INTERVAL = 0.2  # the shipped default advert interval
 TAKEOVER_BOUND_S = 5.0  # how long to wait for a takeover before failing (not a benchmark)
@@ -51,8 +60,8 @@ class Cluster:
         self.secret = tmp / "pair.secret"
         self.secret.write_text("test-pair-secret\n")
         self.service = free_port()
-        udp = socket.SOCK_DGRAM
-        self.elections = {"hi": free_port(kind=udp), "lo": free_port(kind=udp)}
+        hi, lo = free_ports(2, kind=socket.SOCK_DGRAM)  # held together: they differ
+        self.elections = {"hi": hi, "lo": lo}
         self.backends: dict[str, BackendProc] = {n: harness.backend(n) for n in ("hi", "lo")}
 
     def node(self, name: str, priority: int, *extra: str) -> BalancerProc:
