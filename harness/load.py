@@ -59,6 +59,11 @@ class LoadLoop(Generic[T]):
             else:
                 self.failures.append(f"HTTP {status}")
 
+    @property
+    def sent(self) -> int:
+        """Requests that got an answer or an error so far."""
+        return self.ok + len(self.failures)
+
     def seen_since(self, mark: int) -> set[T]:
         """The distinct values recorded after the first `mark` ones."""
         return set(self.values[mark:])

@@ -3,12 +3,10 @@ timeline records it; a screenshot lands in tests/artifacts/dashboard.png."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
 import signal
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from harness import REPO, BackendProc, Harness
+from harness import REPO, BackendProc, Harness, LoadLoop
+from harness.http import request
 
 # a missing selenium is a skip, like a missing browser, not a collection error
 pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[dev]')")
@@ -56,33 +55,16 @@ def balancer(harness: Harness, backends: list[BackendProc]) -> tuple[str, str]:
 
 
 @pytest.fixture
-def traffic(balancer: tuple[str, str]) -> Iterator[list[int]]:
-    """A background client so the chart and rates have something to show."""
+def traffic(balancer: tuple[str, str]) -> Iterator[LoadLoop[None]]:
+    """A background client so the chart and rates have something to show (10 ms apart)."""
     host, port = balancer[0].rsplit(":", 1)
-    stop = threading.Event()
-    statuses: list[int] = []
 
-    def run() -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=2)
-        for _ in range(100_000):  # bounded; normally ended by `stop`
-            if stop.is_set():
-                break
-            try:
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                resp.read()
-                statuses.append(resp.status)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=2)
-            time.sleep(0.01)
-        conn.close()
+    def one() -> tuple[int, None]:
+        time.sleep(0.01)
+        return request(host, int(port), "/", timeout=2.0).status, None
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield statuses
-    stop.set()
-    thread.join(10)
+    with LoadLoop(one, duration=120.0) as load:
+        yield load
 
 
 @pytest.fixture
@@ -107,7 +89,7 @@ def driver() -> Iterator[object]:
 def test_dashboard_shows_a_killed_backend_going_down(
     backends: list[BackendProc],
     balancer: tuple[str, str],
-    traffic: list[int],
+    traffic: LoadLoop[None],
     driver: object,
 ) -> None:
     from selenium.webdriver.common.by import By
@@ -138,7 +120,7 @@ def test_dashboard_shows_a_killed_backend_going_down(
     assert driver.find_element(By.ID, "role").text.lower() == "standalone"
     assert driver.find_element(By.ID, "algorithm").get_attribute("value") == "round-robin"
     # a few seconds of traffic so the chart and the rates have history
-    WebDriverWait(driver, 10, 0.2).until(lambda d: len(traffic) > 150)
+    WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > 150)
 
     victim = backends[1]
     victim.signal(signal.SIGKILL)
@@ -168,8 +150,8 @@ def test_dashboard_shows_a_killed_backend_going_down(
         time.sleep(0.1)
     assert api_state(balancer[1])["algorithm"] == "least-connections"
     # let the chart show the shift, then keep a picture for humans
-    seen = len(traffic)
-    WebDriverWait(driver, 10, 0.2).until(lambda d: len(traffic) > seen + 100)
+    seen = traffic.sent
+    WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > seen + 100)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
