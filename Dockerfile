@@ -53,7 +53,7 @@ COPY . /app/
 RUN pip install --no-deps --no-build-isolation . \
     && rm -rf build *.egg-info \
     && chmod 0755 docker/*.sh \
-    && python -c "import balancer, backends, ca, loadtest"
+    && python -c "import balancer, backends, ca, loadtest, harness"
 
 # Service entrypoints (docker/*.sh) are used from /app/docker by compose.yaml.
 USER lb

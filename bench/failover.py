@@ -48,7 +48,8 @@ from bench.failover_core import (
     steady,
     table,
 )
-from bench.failover_netns import IFACE, PREFIX_LEN, SUBNET, Daemon, NetnsError, Topology
+from bench.failover_netns import IFACE, PREFIX_LEN, SUBNET, NetnsError, Topology
+from harness import Child, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -73,25 +74,26 @@ class Bench:
     def __init__(self, topo: Topology, work: Path) -> None:
         self.topo = topo
         self.work = work
-        self.daemons: list[Daemon] = []
+        self.daemons: list[Child] = []
         self.secret = work / "pair.secret"
         self.secret.write_text(os.urandom(16).hex() + "\n")
         self.secret.chmod(0o600)
         self.runs: list[dict[str, Any]] = []
 
     # processes ---------------------------------------------------------------------------
-    def start(self, host: str, name: str, argv: list[str]) -> Daemon:
-        d = Daemon(name, self.topo.exec(host, argv), self.work / f"{name}.log", ROOT)
+    def start(self, host: str, name: str, argv: list[str]) -> Child:
+        # `ip netns exec` execs the command: the child's pid is the daemon's
+        d = Child(name, self.topo.exec(host, argv), self.work / f"{name}.log", cwd=ROOT).start()
         self.daemons.append(d)
         return d
 
-    def stop_all(self, daemons: list[Daemon]) -> None:
+    def stop_all(self, daemons: list[Child]) -> None:
         for d in daemons:
-            d.kill()
+            d.stop(grace=0.0)
             if d in self.daemons:
                 self.daemons.remove(d)
 
-    def wait_port(self, host: str, port: int, daemon: Daemon) -> None:
+    def wait_port(self, host: str, port: int, daemon: Child) -> None:
         code = (
             "import socket,sys,time\n"
             "for _ in range(300):\n"
@@ -104,16 +106,16 @@ class Bench:
         )
         res = subprocess.run(self.topo.exec(host, [PY, "-c", code]), timeout=30)
         if res.returncode != 0:
-            raise BenchError(f"{daemon.name} did not listen on {port}:\n{daemon.tail()}")
+            raise BenchError(f"{daemon.name} did not listen on {port}:\n{tail(daemon.log, 8)}")
 
-    def backend(self, host: str, port: int, name: str) -> Daemon:
+    def backend(self, host: str, port: int, name: str) -> Child:
         argv = [PY, "-m", "backends", "--host", "0.0.0.0", "--port", str(port), "--name", name]
         d = self.start(host, f"backend-{name}", argv)
         self.wait_port(host, port, d)
         return d
 
     # the two systems -----------------------------------------------------------------------
-    def keepalived(self, host: str, interval: float, tag: str) -> Daemon:
+    def keepalived(self, host: str, interval: float, tag: str) -> Child:
         peer = "b" if host == "a" else "a"
         node = KeepalivedNode(
             name=f"lbfo_{host}",
@@ -132,7 +134,7 @@ class Bench:
         argv += ["-p", str(run / "keepalived.pid"), "-r", str(run / "vrrp.pid")]
         return self.start(host, f"keepalived-{host}-{tag}", argv)
 
-    def balancer(self, host: str, interval: float, tag: str) -> Daemon:
+    def balancer(self, host: str, interval: float, tag: str) -> Child:
         peer = "b" if host == "a" else "a"
         backend_port = 8001 if host == "a" else 8002
         argv = [PY, "-m", "balancer", "--listen", f"0.0.0.0:{SERVICE_PORT}"]
@@ -181,8 +183,8 @@ class Bench:
             if not steady(probes(), old, settle_from, 20) or self.topo.has_addr("b", VIP):
                 raise BenchError(f"{system}: a did not hold the VIP steadily before the event")
             for d in nodes.values():
-                if d.proc.poll() is not None:
-                    raise BenchError(f"{d.name} exited early:\n{d.tail()}")
+                if not d.alive:
+                    raise BenchError(f"{d.name} exited early:\n{tail(d.log, 8)}")
             # Adverts run on a schedule locked to the takeover we just waited for, so spread
             # the repetitions evenly over one advert cycle, at the same phases for both systems.
             phase = (rep + 0.5) / repeat * interval
@@ -190,7 +192,7 @@ class Bench:
             event_at = time.monotonic()
             if event == "kill":
                 self.topo.link("a", False)  # the host dies: no resign packet gets out
-                nodes["a"].kill_group()
+                nodes["a"].signal(signal.SIGKILL)
             else:
                 nodes["a"].signal(signal.SIGTERM)
             _wait(
@@ -199,12 +201,12 @@ class Bench:
             )
             time.sleep(0.3)
         except TimeoutError:
-            tails = "\n".join(f"--- {d.name}\n{d.tail()}" for d in nodes.values())
+            tails = "\n".join(f"--- {d.name}\n{tail(d.log, 8)}" for d in nodes.values())
             raise BenchError(f"{system} {tag}: timed out\n{tails}") from None
         finally:
             prober.signal(signal.SIGTERM)
             try:
-                prober.proc.wait(timeout=5)
+                prober.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
             self.stop_all([prober, *nodes.values()])

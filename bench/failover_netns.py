@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 SUBNET = "10.213.0"
 PREFIX_LEN = 24
@@ -93,46 +92,3 @@ class Topology:
         for ns in reversed(self.created):
             ip("netns", "del", ns, check=False)
         self.created.clear()
-
-
-class Daemon:
-    """A process started in a namespace, in its own session (group kill covers children)."""
-
-    def __init__(self, name: str, argv: Sequence[str], log: Path, cwd: Path) -> None:
-        self.name = name
-        self.log = log
-        self._file = open(log, "ab")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def kill(self, grace: float = 0.0) -> None:
-        if grace > 0 and self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace)
-        self.kill_group()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        self._file.close()
-
-    def tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import ssl
 import sys
 import time
@@ -27,17 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.wrk import WrkResult
+from harness.traffic import percentile
 
 IO_TIMEOUT_S = 5.0
 MAX_RESPONSE_BYTES = 1 << 16
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of an ascending sequence."""
-    if not sorted_values:
-        raise ValueError("no samples")
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -52,8 +44,8 @@ class Tally:
             "requests": len(lat),
             "duration_s": round(duration_s, 3),
             "rps": round(len(lat) / duration_s, 1) if duration_s > 0 else 0.0,
-            "p50_ms": round(percentile(lat, 50), 3) if lat else None,
-            "p99_ms": round(percentile(lat, 99), 3) if lat else None,
+            "p50_ms": round(p50, 3) if (p50 := percentile(lat, 50)) is not None else None,
+            "p99_ms": round(p99, 3) if (p99 := percentile(lat, 99)) is not None else None,
             "socket_errors": self.socket_errors,
             "non_2xx_3xx": self.non_2xx_3xx,
         }

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stack import HOST, backend_and_balancer
-from loadtest.soak import proc_fds, proc_rss_kib
+from harness import HOST, Harness
+from harness.procs import proc_fds, proc_rss_kib
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n"
 
@@ -75,8 +75,13 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
     host = HOST
-    with backend_and_balancer(["--timeout-idle-keepalive", str(idle_timeout)]) as st:
-        lb, lport = st.balancer, st.listen_port
+    with Harness() as h:
+        b1 = h.backend("b1")
+        lb = h.balancer(
+            *("--listen", f"{HOST}:0", "--backend", b1.address, "--no-checks"),
+            *("--timeout-idle-keepalive", str(idle_timeout)),
+        )
+        lport = lb.port
         time.sleep(0.5)
         rss_before = proc_rss_kib(lb.pid)
         fds_before = proc_fds(lb.pid)

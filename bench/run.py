@@ -21,7 +21,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import configs, cpu, handshake_load, procs, report, wrk
+from bench import configs, cpu, handshake_load, report, wrk
+from harness import Child, Harness, StartError, free_ports, pinned, tail
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "bench" / "results" / "proxy.json"
@@ -304,7 +304,7 @@ def run_load(
         if tls is None:
             raise BenchError(f"mode {mode.name} needs TLS files")
         name = "handshake_load"
-        cmd = procs.pinned(
+        cmd = pinned(
             pins.load,
             [sys.executable, "-m", "bench.handshake_load", "--url", url,
              "--cafile", str(tls.ca_file), "--connections", str(args.connections),
@@ -339,20 +339,19 @@ def bench_one(
     args: argparse.Namespace,
     backends: Sequence[int],
     tls: TlsFiles | None,
-    workdir: Path,
+    h: Harness,
     pins: Pins,
 ) -> report.Row:
-    port = procs.free_ports(1)[0]
+    port = free_ports(1)[0]  # HAProxy and the naive proxy cannot report a port they chose
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
-    argv = procs.pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, workdir))
-    child = procs.Child(f"{proxy}", argv, workdir / f"{proxy}-{mode.name}.log", cwd=REPO)
+    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir))
+    child = h.child(f"{proxy}-{mode.name}", argv)
     try:
-        if not child.wait_port(port, START_TIMEOUT_S):
-            reason = child.failure()
-            if child.exited() is None:
-                reason = f"{proxy} did not accept connections within {START_TIMEOUT_S:.0f}s"
-            return report.Row.failed(proxy, mode.name, reason)
+        try:
+            child.wait_listening(port, START_TIMEOUT_S)
+        except StartError:
+            return report.Row.failed(proxy, mode.name, child.last_words())
         problem = validate(url, tls.ca_pem if tls else None)
         if problem:
             return report.Row.failed(proxy, mode.name, problem)
@@ -363,8 +362,8 @@ def bench_one(
         result = run_load(url, args.duration, args, mode, pins, tls)
         after = cpu.read_tree_ticks(child.pid)
         steal = cpu.steal_percent(system_before, cpu.read_system_ticks())
-        if child.exited() is not None:
-            return report.Row.failed(proxy, mode.name, child.failure())
+        if not child.alive:
+            return report.Row.failed(proxy, mode.name, child.last_words())
         per_req = (
             cpu.cpu_us_per_req(before, after, result.requests, cpu.CLK_TCK)
             if result.requests
@@ -384,7 +383,7 @@ def bench_one(
     except (BenchError, wrk.WrkParseError, ProcessLookupError, ValueError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, ProcessLookupError):
-            reason = child.failure()
+            reason = child.last_words()
         return report.Row.failed(proxy, mode.name, reason)
     finally:
         child.stop()
@@ -394,18 +393,20 @@ def bench_one(
 
 
 def start_backends(
-    tools: dict[str, str], workdir: Path, count: int, pins: Pins
-) -> tuple[procs.Child, list[int]]:
-    ports = procs.free_ports(count)
+    h: Harness, tools: dict[str, str], count: int, pins: Pins
+) -> tuple[Child, list[int]]:
+    ports = free_ports(count)
+    workdir = h.workdir
     conf = workdir / "nginx.conf"
     conf.write_text(configs.nginx_config(workdir, ports))
     argv = [tools["nginx"], "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx.err")]
-    nginx = procs.Child("nginx", procs.pinned(pins.load, argv), workdir / "nginx.log")
+    nginx = h.child("nginx", pinned(pins.load, argv), cwd=None)
     for port in ports:
-        if not nginx.wait_port(port, START_TIMEOUT_S):
-            reason = nginx.failure() + " " + procs.tail(workdir / "nginx.err")
-            nginx.stop()
-            raise BenchError(f"backend did not start: {reason.strip()}")
+        try:
+            nginx.wait_listening(port, START_TIMEOUT_S)
+        except StartError:
+            reason = nginx.last_words() + " " + tail(workdir / "nginx.err", lines=5)
+            raise BenchError(f"backend did not start: {reason.strip()}") from None
         problem = validate(f"http://127.0.0.1:{port}/", None, attempts=1)
         if problem:
             nginx.stop()
@@ -425,42 +426,38 @@ def run(args: argparse.Namespace) -> int:
     pins = choose_pins()
     meta = metadata(args, tools, pins)
     samples: list[report.Row] = []
-    with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
-        workdir = Path(tmp)
-        tls = make_tls(workdir) if any(MODES[m].tls for m in args.modes) else None
-        nginx, backends = start_backends(tools, workdir, args.backends, pins)
-        try:
-            for mode_name in args.modes:
-                mode = MODES[mode_name]
-                # rounds interleave the proxies, so slow drift hits them all alike
-                for rnd in range(1, args.rounds + 1):
-                    for proxy in args.proxies:
-                        print(
-                            f"-- {proxy} / {mode.name} (round {rnd}/{args.rounds}) ...",
-                            file=sys.stderr,
-                            flush=True,
+    with Harness() as h:  # every child stopped on the way out, even on Ctrl-C
+        tls = make_tls(h.workdir) if any(MODES[m].tls for m in args.modes) else None
+        nginx, backends = start_backends(h, tools, args.backends, pins)
+        for mode_name in args.modes:
+            mode = MODES[mode_name]
+            # rounds interleave the proxies, so slow drift hits them all alike
+            for rnd in range(1, args.rounds + 1):
+                for proxy in args.proxies:
+                    print(
+                        f"-- {proxy} / {mode.name} (round {rnd}/{args.rounds}) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    started = time.monotonic()
+                    samples.append(
+                        bench_one(
+                            proxy,
+                            mode,
+                            args,
+                            backends,
+                            tls if mode.tls else None,
+                            h,
+                            pins,
                         )
-                        started = time.monotonic()
-                        samples.append(
-                            bench_one(
-                                proxy,
-                                mode,
-                                args,
-                                backends,
-                                tls if mode.tls else None,
-                                workdir,
-                                pins,
-                            )
-                        )
-                        print(
-                            f"   done in {time.monotonic() - started:.1f}s: "
-                            f"{report.describe_sample(samples[-1])}",
-                            file=sys.stderr,
-                        )
-                        if nginx.exited() is not None:
-                            raise BenchError(f"backend died: {nginx.failure()}")
-        finally:
-            nginx.stop()
+                    )
+                    print(
+                        f"   done in {time.monotonic() - started:.1f}s: "
+                        f"{report.describe_sample(samples[-1])}",
+                        file=sys.stderr,
+                    )
+                    if not nginx.alive:
+                        raise BenchError(f"backend died: {nginx.last_words()}")
     rows = report.median_rows(samples)
 
     ratios = {

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stack import HOST, backend_and_balancer
-from loadtest.report import percentile
-from loadtest.traffic import run_traffic
+from harness import HOST, Harness
+from harness.traffic import percentile, run_traffic
 
 
 async def slow_client(host: str, port: int, stop: asyncio.Event) -> str:
@@ -97,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.slow <= 5000 or not 0 < args.seconds <= 120:
         print("slowloris: --slow 1..5000 and --seconds (0, 120]", file=sys.stderr)
         return 2
-    with backend_and_balancer(["--timeout-client-header", str(args.header_timeout)]) as st:
-        baseline = summary(asyncio.run(run_traffic(st.url, args.rate, args.seconds)))
-        outcomes, slow = attack(st.url, HOST, st.listen_port, args.slow, args.rate, args.seconds)
+    with Harness() as h:
+        b1 = h.backend("b1")
+        lb = h.balancer(
+            *("--listen", f"{HOST}:0", "--backend", b1.address, "--no-checks"),
+            *("--timeout-client-header", str(args.header_timeout)),
+        )
+        url = lb.url + "/"
+        baseline = summary(asyncio.run(run_traffic(url, args.rate, args.seconds)))
+        outcomes, slow = attack(url, HOST, lb.port, args.slow, args.rate, args.seconds)
     under = summary(outcomes)
     result = {
         "slow_connections": args.slow,

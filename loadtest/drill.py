@@ -38,9 +38,10 @@ from typing import Any, NoReturn
 
 import aiohttp
 
-from loadtest.local import LocalStack, StackError, free_port
+from harness.procs import Child
+from harness.stack import LocalStack, StackError
+from harness.traffic import Outcome, run_traffic
 from loadtest.report import DrillEvent, StateSample, build_report, plot, to_markdown
-from loadtest.traffic import Outcome, run_traffic
 
 POLL_INTERVAL_S = 0.1
 POLL_TIMEOUT_S = 0.5
@@ -132,14 +133,10 @@ class LocalTarget(Target):
     def setup(self, scenario: Scenario) -> None:
         if scenario.docker_only:
             raise DrillError(f"scenario {scenario.name} needs the docker target")
-        stack = LocalStack(
+        stack = LocalStack.ephemeral(
             algorithm=self.algorithm,
             tls=self.tls,
             pair=scenario.kind == "balancer",
-            backend_ports=tuple(free_port() for _ in range(3)),
-            listen_port=free_port(),
-            admin_ports=(free_port(), free_port()),
-            election_ports=(free_port(), free_port()),
             pki_dir=self.pki_dir,
             check_interval=self.check_interval,
         )
@@ -171,6 +168,7 @@ class LocalTarget(Target):
 
     def act(self, kind: str, name: str, action: str) -> str:
         stack = self._stack()
+        proc: Child
         if kind == "backend":
             i = self.backend_names().index(name)
             if action == "restart":

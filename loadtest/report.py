@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.traffic import Outcome
+from harness.traffic import Outcome, percentile
 
 FAULT_KINDS = frozenset({"kill", "stop", "pause", "disconnect"})
 RESTORE_KINDS = frozenset({"restart", "resume", "reconnect"})
@@ -56,15 +56,6 @@ class StateSample:
     reachable: bool
     role: str | None = None
     backends: dict[str, str] = field(default_factory=dict)  # backend id -> state
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of unsorted values; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def _first(events: Iterable[DrillEvent], kinds: frozenset[str], after: float) -> DrillEvent | None:

@@ -10,26 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .local import LocalStack, StackError, free_port
-from .report import percentile
-from .traffic import run_traffic
-
-
-def proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+from harness.procs import proc_fds, proc_rss_kib
+from harness.stack import LocalStack, StackError
+from harness.traffic import percentile, run_traffic
 
 
 def summarise(windows: list[dict[str, Any]], warmup_windows: int = 1) -> dict[str, Any]:
@@ -127,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.minutes <= 24 * 60 or not 0 < args.rate <= 5000 or args.window < 1:
         print("soak: --minutes (0, 1440], --rate (0, 5000] and --window >= 1", file=sys.stderr)
         return 2
-    ports = tuple(free_port() for _ in range(3))
-    stack = LocalStack(
-        backend_ports=ports,
-        listen_port=free_port(),
-        admin_ports=(free_port(), free_port()),
-    )
+    stack = LocalStack.ephemeral()
     try:
         stack.start()
         windows = asyncio.run(soak(stack, args.minutes, args.rate, args.window))

@@ -1,4 +1,4 @@
-"""The backend's endpoints, served in-process by backends.testing.run_backend."""
+"""The backend's endpoints, served in-process by harness.run_backend."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from backends import BACKEND_HEADER, make_app
 from backends.app import PATTERN, parse_flag, parse_int, validate_name
-from backends.testing import RunningBackend, run_backend
+from harness import RunningBackend, run_backend
 
 MB = 1024 * 1024
 

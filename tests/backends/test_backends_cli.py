@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import trustme
 
 from backends import BACKEND_HEADER
 from backends.cli import main
-from backends.testing import BackendProcess, spawn_backend_process
+from harness import BackendProc, Harness, StartError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def get(proc: BackendProcess, path: str) -> tuple[int, str | None, bytes]:
+def get(proc: BackendProc, path: str) -> tuple[int, str | None, bytes]:
     conn = http.client.HTTPConnection(proc.host, proc.port, timeout=10)
     try:
         conn.request("GET", path)
@@ -41,14 +40,8 @@ def get(proc: BackendProcess, path: str) -> tuple[int, str | None, bytes]:
 
 
 @pytest.fixture
-def proc() -> Iterator[BackendProcess]:
-    p = spawn_backend_process("cli1")
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=15)
+def proc(harness: Harness) -> BackendProc:
+    return harness.backend("cli1")
 
 
 def test_help_mentions_keepalive() -> None:
@@ -128,7 +121,7 @@ def test_port_in_use_is_a_one_line_error() -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
 
 
-def test_serves_and_reports_its_port(proc: BackendProcess) -> None:
+def test_serves_and_reports_its_port(proc: BackendProc) -> None:
     assert proc.port > 0
     assert proc.url == f"http://127.0.0.1:{proc.port}"
     assert get(proc, "/") == (200, "cli1", b"hello from cli1\n")
@@ -136,13 +129,13 @@ def test_serves_and_reports_its_port(proc: BackendProcess) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_exits_0(proc: BackendProcess, sig: signal.Signals) -> None:
+def test_signal_exits_0(proc: BackendProc, sig: signal.Signals) -> None:
     assert get(proc, "/healthz")[0] == 200
-    proc.send_signal(sig)
+    proc.signal(sig)
     assert proc.wait(timeout=15) == 0
 
 
-def test_sigterm_lets_an_in_flight_response_finish(proc: BackendProcess) -> None:
+def test_sigterm_lets_an_in_flight_response_finish(proc: BackendProc) -> None:
     n = 20 * 1024 * 1024
     conn = http.client.HTTPConnection(proc.host, proc.port, timeout=10)
     try:
@@ -150,7 +143,7 @@ def test_sigterm_lets_an_in_flight_response_finish(proc: BackendProcess) -> None
         r = conn.getresponse()
         # Reading the first bytes proves the handler is running before the signal.
         received = len(r.read(65536))
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         while chunk := r.read(1024 * 1024):
             received += len(chunk)
     finally:
@@ -159,62 +152,51 @@ def test_sigterm_lets_an_in_flight_response_finish(proc: BackendProcess) -> None
     assert proc.wait(timeout=15) == 0
 
 
-def test_delay_flag_and_access_log(tmp_path: Path) -> None:
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as err:
-        p = spawn_backend_process("slowpoke", delay_ms=20, extra_args=["--access-log"], stderr=err)
-    try:
-        assert get(p, "/status/418") == (418, "slowpoke", b"status 418\n")
-    finally:
-        p.terminate()
-        assert p.wait(timeout=15) == 0
-    lines = log.read_text().splitlines()
+def test_delay_flag_and_access_log(harness: Harness) -> None:
+    p = harness.backend("slowpoke", delay_ms=20, extra_args=["--access-log"])
+    assert get(p, "/status/418") == (418, "slowpoke", b"status 418\n")
+    p.signal(signal.SIGTERM)
+    assert p.wait(timeout=15) == 0
+    lines = p.output().splitlines()
     assert any("slowpoke" in line and "/status/418" in line and " 418 " in line for line in lines)
 
 
-def test_spawn_reports_startup_failure(tmp_path: Path) -> None:
+def test_start_reports_startup_failure(harness: Harness, tmp_path: Path) -> None:
     ca_file = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(ca_file))
-    with pytest.raises(RuntimeError, match="cannot load TLS"):
-        spawn_backend_process(
+    with pytest.raises(StartError, match="cannot load TLS") as err:
+        harness.backend(
             "broken", tls_cert=tmp_path / "no.pem", tls_key=tmp_path / "no.pem", ca_file=ca_file
         )
+    assert "exited before it was ready" in str(err.value)
 
 
-def test_malformed_request_logs_one_line(tmp_path: Path) -> None:
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as err:
-        p = spawn_backend_process("strict", stderr=err)
-    try:
-        with socket.create_connection((p.host, p.port), timeout=10) as sock:
-            sock.sendall(b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n")
-            reply = b""
-            while chunk := sock.recv(65536):
-                reply += chunk
-        assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400")
-        assert get(p, "/healthz")[0] == 200
-    finally:
-        p.terminate()
-        assert p.wait(timeout=15) == 0
-    text = log.read_text()
+def test_malformed_request_logs_one_line(harness: Harness) -> None:
+    p = harness.backend("strict")
+    with socket.create_connection((p.host, p.port), timeout=10) as sock:
+        sock.sendall(b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400")
+    assert get(p, "/healthz")[0] == 200
+    p.signal(signal.SIGTERM)
+    assert p.wait(timeout=15) == 0
+    text = p.output()
     assert "Traceback" not in text
     lines = [line for line in text.splitlines() if "ERROR" in line]
     assert len(lines) == 1
     assert lines[0].startswith("strict ERROR aiohttp.server:")
 
 
-def test_keepalive_timeout_closes_idle_connections() -> None:
-    p = spawn_backend_process("idle", keepalive_timeout=0.3)
-    try:
-        with socket.create_connection((p.host, p.port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            # Keep reading: the response, then EOF once the idle timeout closes the connection
-            # (the 10 s socket timeout bounds the wait).
-            while chunk := sock.recv(65536):
-                data += chunk
-        assert data.startswith(b"HTTP/1.1 200")
-        assert data.endswith(b"hello from idle\n")
-    finally:
-        p.terminate()
-        assert p.wait(timeout=15) == 0
+def test_keepalive_timeout_closes_idle_connections(harness: Harness) -> None:
+    p = harness.backend("idle", keepalive_timeout=0.3)
+    with socket.create_connection((p.host, p.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        # Keep reading: the response, then EOF once the idle timeout closes the connection
+        # (the 10 s socket timeout bounds the wait).
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert data.endswith(b"hello from idle\n")

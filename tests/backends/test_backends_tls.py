@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import ssl
 import warnings
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import trustme
 
 from backends import BACKEND_HEADER
 from backends.cli import make_server_ssl_context
-from backends.testing import run_backend, spawn_backend_process
+from harness import Harness, run_backend
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +96,20 @@ async def test_https_refuses_tls_1_1(ca: trustme.CA, pki: tuple[Path, Path, Path
             await s.get(b.url + "/", ssl=ctx)
 
 
-def test_https_subprocess(ca: trustme.CA, pki: tuple[Path, Path, Path]) -> None:
+def test_https_subprocess(harness: Harness, ca: trustme.CA, pki: tuple[Path, Path, Path]) -> None:
     import http.client
 
     chain, key, ca_file = pki
-    proc = spawn_backend_process("tls-proc", tls_cert=chain, tls_key=key, ca_file=ca_file)
-    try:
-        assert proc.url == f"https://127.0.0.1:{proc.port}"
-        conn = http.client.HTTPSConnection("127.0.0.1", proc.port, context=client_context(ca))
-        conn.request("GET", "/")
-        r = conn.getresponse()
-        assert (r.status, r.getheader(BACKEND_HEADER), r.read()) == (
-            200,
-            "tls-proc",
-            b"hello from tls-proc\n",
-        )
-        conn.close()
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0
+    proc = harness.backend("tls-proc", tls_cert=chain, tls_key=key, ca_file=ca_file)
+    assert proc.url == f"https://127.0.0.1:{proc.port}"
+    conn = http.client.HTTPSConnection("127.0.0.1", proc.port, context=client_context(ca))
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    assert (r.status, r.getheader(BACKEND_HEADER), r.read()) == (
+        200,
+        "tls-proc",
+        b"hello from tls-proc\n",
+    )
+    conn.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0

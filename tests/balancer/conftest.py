@@ -15,11 +15,10 @@ from typing import Any
 
 import httptools
 import pytest
-from aiohttp import web
 
-from backends.app import make_app
 from balancer.app import Balancer
 from balancer.config import BackendSpec, Config, HealthCheckSettings, Timeouts
+from harness import BackendProc, BalancerProc, Harness, RunningBackend, run_backend
 
 IO_TIMEOUT = 10.0  # upper bound on every single socket wait; tests never sleep this long
 
@@ -27,17 +26,8 @@ IO_TIMEOUT = 10.0  # upper bound on every single socket wait; tests never sleep 
 # ---------------------------------------------------------------- demo backends
 
 
-@dataclass
-class RunningBackend:
-    name: str
-    host: str
-    port: int
-    app: web.Application
-    runner: web.AppRunner
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+class DemoBackend(RunningBackend):
+    """The harness's in-process backend, plus the balancer's view of it."""
 
     @property
     def spec(self) -> BackendSpec:
@@ -45,23 +35,17 @@ class RunningBackend:
 
 
 @pytest.fixture
-async def make_backend() -> AsyncIterator[Callable[..., Awaitable[RunningBackend]]]:
+async def make_backend() -> AsyncIterator[Callable[..., Awaitable[DemoBackend]]]:
     """`await make_backend("a", delay_ms=0)`: an aiohttp demo backend on 127.0.0.1:0."""
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(name: str, delay_ms: int = 0) -> RunningBackend:
-        app = make_app(name, delay_ms)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        return RunningBackend(name, "127.0.0.1", port, app, runner)
+        async def make(name: str, delay_ms: int = 0) -> DemoBackend:
+            b = await stack.enter_async_context(
+                run_backend(name, delay_ms=delay_ms, shutdown_timeout=1.0)
+            )
+            return DemoBackend(b.name, b.host, b.port, b.url, b.app)
 
-    yield make
-    for runner in reversed(runners):
-        await runner.cleanup()
+        yield make
 
 
 # ---------------------------------------------------------------- the balancer
@@ -487,32 +471,27 @@ def error_logs() -> Iterator[ErrorLogCatcher]:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Child processes (BalancerProc or BackendProcess) killed at teardown; no balancer may
-    have printed a traceback."""
-    from balancer_procs import BalancerProc
-
-    started: list[Any] = []
-    yield started
-    for p in reversed(started):
-        if isinstance(p, BalancerProc):
-            p.kill()
-        elif p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
-    for p in started:
-        if isinstance(p, BalancerProc):
-            assert "Traceback" not in p.stderr(), p.stderr()
+def backend(harness: Harness) -> Callable[..., BackendProc]:
+    """`backend(name, **kw)`: a ready `python -m backends` child, stopped at teardown."""
+    return harness.backend
 
 
 @pytest.fixture
-def backend(procs: list[Any]) -> Callable[..., Any]:
-    """`backend(name, **kw)`: a `python -m backends` child, killed at teardown."""
-    from backends.testing import spawn_backend_process
+def balancer(harness: Harness) -> Iterator[Callable[..., BalancerProc]]:
+    """`balancer(*args, name="lb", admin=None, listens=True)`: a ready `python -m balancer
+    ARGS` child (see harness.BalancerProc), stopped at teardown; none may have printed a
+    traceback."""
+    started: list[BalancerProc] = []
 
-    def start(name: str, **kw: Any) -> Any:
-        b = spawn_backend_process(name, **kw)
-        procs.append(b)
+    def start(
+        *args: str, name: str = "lb", admin: bool | None = None, listens: bool = True
+    ) -> BalancerProc:
+        b = harness.balancer(*args, name=name, admin=admin, listens=listens)
+        started.append(b)
         return b
 
-    return start
+    yield start
+    for b in started:
+        b.stop()
+    for b in started:
+        assert "Traceback" not in b.output(), b.output()

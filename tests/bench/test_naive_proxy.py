@@ -58,7 +58,7 @@ async def test_round_robin_streaming_and_raw_bodies() -> None:
 
 
 async def test_dead_backend_gives_502() -> None:
-    from bench.procs import free_ports
+    from harness import free_ports
 
     client = TestClient(
         TestServer(naive_proxy.build_app([f"127.0.0.1:{free_ports(1)[0]}"]), host="127.0.0.1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.traffic import Outcome
 from loadtest.report import (
     DrillEvent,
     StateSample,
@@ -16,7 +17,6 @@ from loadtest.report import (
     recover_time,
     to_markdown,
 )
-from loadtest.traffic import Outcome
 
 B2 = "127.0.0.1:9102"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.traffic import Outcome
 from loadtest import drill
 from loadtest.drill import SCENARIOS, LocalTarget, action_events, scale_summary
 from loadtest.report import DrillEvent, StateSample, build_report, fault_event, restore_event
-from loadtest.traffic import Outcome
 
 NEW = "172.28.0.140:8080"
 OLD = "172.28.0.129:8080"
@@ -129,7 +129,6 @@ def test_local_target_cannot_add_backends(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_local_restart_backend_drill(tmp_path: Path) -> None:
-    pytest.importorskip("balancer.admin", reason="the balancer admin API is not there yet")
     out = tmp_path / "rb.json"
     argv = ["restart-backend", "--local", "--quiet", "--json", str(out)]
     assert drill.main([*argv, "--rate", "50", "--duration", "5", "--fault-at", "1.5"]) == 0

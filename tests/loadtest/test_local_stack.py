@@ -7,44 +7,18 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from harness import LocalStack, wait_gone
 from loadtest import drill
-from loadtest.local import LocalStack, free_port
-
-pytest.importorskip("balancer.admin", reason="the balancer admin API is not there yet")
-
-
-def _gone(pid: int) -> bool:
-    """Exited (zombies count: a container's PID 1 may never reap them)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return True
-    return state in ("Z", "X")
-
-
-def _wait_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
-    for _ in range(int(seconds / 0.1)):
-        alive = [p for p in pids if not _gone(p)]
-        if not alive:
-            return []
-        time.sleep(0.1)
-    return alive
 
 
 def _stack(tmp_path: Path, **kw: object) -> LocalStack:
-    return LocalStack(
-        backend_ports=tuple(free_port() for _ in range(3)),
-        listen_port=free_port(),
-        admin_ports=(free_port(), free_port()),
-        workdir=tmp_path / "run",
-        **kw,  # type: ignore[arg-type]
-    )
+    return LocalStack.ephemeral(workdir=tmp_path / "run", **kw)
 
 
 def test_stack_serves_reports_state_and_stops_clean(tmp_path: Path) -> None:
@@ -61,14 +35,16 @@ def test_stack_serves_reports_state_and_stops_clean(tmp_path: Path) -> None:
         assert sorted(b["id"] for b in state["backends"]) == sorted(
             stack.backend_id(i) for i in range(3)
         )
+        old_pid, old_id = stack.backends[1].pid, stack.backend_id(1)
         stack.kill_backend(1, signal.SIGKILL)
-        assert _wait_gone([stack.backends[1].pid or 0]) == []
-        stack.restart_backend(1)
-        assert stack.backends[1].alive
-        pids = [p.pid for p in stack.procs if p.pid]
+        assert wait_gone([old_pid]) == []
+        stack.restart_backend(1)  # on the same port, which the balancer still lists
+        assert stack.backends[1].alive and stack.backends[1].pid != old_pid
+        assert stack.backend_id(1) == old_id
+        pids = [p.pid for p in stack.procs]
     assert len(pids) == 4
-    assert all(p.popen is not None and p.popen.returncode is not None for p in stack.procs)
-    assert _wait_gone(pids) == []
+    assert all(p.returncode is not None for p in stack.procs)
+    assert wait_gone(pids) == []
 
 
 def test_tls_stack_is_verified_against_its_ca(tmp_path: Path) -> None:
@@ -85,9 +61,9 @@ def test_tls_stack_is_verified_against_its_ca(tmp_path: Path) -> None:
 def test_children_die_with_a_killed_runner(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
-        "from loadtest.local import LocalStack, free_port\n"
-        "s = LocalStack(admin=False, backend_ports=(free_port(), free_port(), free_port()),\n"
-        f"    listen_port=free_port(), workdir=__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "from pathlib import Path\n"
+        "from harness import LocalStack\n"
+        f"s = LocalStack.ephemeral(admin=False, workdir=Path({str(tmp_path)!r}))\n"
         "s.start()\n"
         "print(' '.join(str(p.pid) for p in s.procs), flush=True)\n"
         "time.sleep(60)\n"
@@ -101,7 +77,7 @@ def test_children_die_with_a_killed_runner(tmp_path: Path) -> None:
     finally:
         runner.kill()  # no cleanup code runs: PR_SET_PDEATHSIG has to do it
         runner.wait(10)
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
 
 
 def test_bad_drill_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,7 @@
 import pytest
 
-from loadtest.soak import proc_fds, proc_rss_kib, summarise
+from harness.procs import proc_fds, proc_rss_kib
+from loadtest.soak import summarise
 
 
 def _w(t: float, rss: int, fds: int, errors: int = 0) -> dict[str, float]:

@@ -6,8 +6,8 @@ from typing import Any
 
 import trustme
 
-from loadtest.local import free_port
-from loadtest.traffic import Outcome, run_traffic
+from harness import free_port
+from harness.traffic import Outcome, run_traffic
 
 ServerFactory = Any
 

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 import trustme
 
-from backends.testing import RunningBackend, run_backend
 from balancer.admin.api import AdminError, AuthPolicy, SSEClient, authorize, is_loopback
 from balancer.app import Balancer
 from balancer.config import AdminSettings, BackendSpec, Config, from_args
+from harness import RunningBackend, run_backend
 
 TOKEN = "s3cret-token"
 TIMEOUT = aiohttp.ClientTimeout(total=10)

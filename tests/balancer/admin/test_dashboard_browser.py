@@ -3,30 +3,26 @@ timeline records it; a screenshot lands in tests/artifacts/dashboard.png."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import select
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backends.testing import BackendProcess, spawn_backend_process
+from harness import REPO, BackendProc, Harness, LoadLoop
+from harness.http import request
+
+# a missing selenium is a skip, like a missing browser, not a collection error
+pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[dev]')")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-ROOT = Path(__file__).resolve().parents[3]
-ARTIFACTS = ROOT / "tests" / "artifacts"
+ARTIFACTS = REPO / "tests" / "artifacts"
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,30 +34,6 @@ pytestmark = [
 ]
 
 
-def _read_until(
-    proc: subprocess.Popen[bytes], markers: tuple[str, ...], timeout: float
-) -> dict[str, str]:
-    """Read the child's stdout until every marker was seen on some line (bounded)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    buf = b""
-    found: dict[str, str] = {}
-    while time.monotonic() < deadline and len(found) < len(markers):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-        for line in buf.decode(errors="replace").splitlines():
-            found.update({m: line for m in markers if m in line})
-    if len(found) < len(markers):
-        raise RuntimeError(f"balancer did not print {markers!r}; stdout so far: {buf!r}")
-    return found
-
-
 def api_state(admin_url: str) -> dict[str, Any]:
     with urllib.request.urlopen(admin_url + "/api/state", timeout=5) as resp:
         state: dict[str, Any] = json.load(resp)
@@ -69,76 +41,30 @@ def api_state(admin_url: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def backends() -> Iterator[list[BackendProcess]]:
-    procs: list[BackendProcess] = []
-    try:
-        for i in range(3):
-            procs.append(spawn_backend_process(f"b{i}"))
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
+def backends(harness: Harness) -> list[BackendProc]:
+    return [harness.backend(f"b{i}") for i in range(3)]
 
 
 @pytest.fixture
-def balancer(backends: list[BackendProcess]) -> Iterator[tuple[str, str]]:
-    """A `python -m balancer` child; yields (public address, admin url)."""
-    cmd = [sys.executable, "-m", "balancer", "--listen", "127.0.0.1:0"]
-    for b in backends:
-        cmd += ["--backend", f"{b.host}:{b.port}"]
-    cmd += ["--admin", "127.0.0.1:0", "--check-interval", "0.3", "--check-timeout", "0.3"]
-    cmd += ["--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryFile() as errlog:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, env=env, cwd=str(ROOT))
-        try:
-            try:
-                lines = _read_until(proc, ("listening on", "admin on"), 15)
-            except RuntimeError as exc:
-                errlog.seek(0)
-                raise RuntimeError(f"{exc}; stderr: {errlog.read(4000)!r}") from None
-            yield lines["listening on"].rsplit("//", 1)[1], lines["admin on"].rsplit(" ", 1)[1]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-            if proc.stdout is not None:
-                proc.stdout.close()
+def balancer(harness: Harness, backends: list[BackendProc]) -> tuple[str, str]:
+    """A `python -m balancer` child; (public address, admin url)."""
+    args = ["--listen", "127.0.0.1:0", *(a for b in backends for a in ("--backend", b.address))]
+    args += ["--admin", "127.0.0.1:0", "--check-interval", "0.3", "--check-timeout", "0.3"]
+    lb = harness.balancer(*args, "--log-level", "warning")
+    return f"{lb.host}:{lb.port}", lb.admin_url
 
 
 @pytest.fixture
-def traffic(balancer: tuple[str, str]) -> Iterator[list[int]]:
-    """A background client so the chart and rates have something to show."""
+def traffic(balancer: tuple[str, str]) -> Iterator[LoadLoop[None]]:
+    """A background client so the chart and rates have something to show (10 ms apart)."""
     host, port = balancer[0].rsplit(":", 1)
-    stop = threading.Event()
-    statuses: list[int] = []
 
-    def run() -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=2)
-        for _ in range(100_000):  # bounded; normally ended by `stop`
-            if stop.is_set():
-                break
-            try:
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                resp.read()
-                statuses.append(resp.status)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=2)
-            time.sleep(0.01)
-        conn.close()
+    def one() -> tuple[int, None]:
+        time.sleep(0.01)
+        return request(host, int(port), "/", timeout=2.0).status, None
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield statuses
-    stop.set()
-    thread.join(10)
+    with LoadLoop(one, duration=120.0) as load:
+        yield load
 
 
 @pytest.fixture
@@ -161,9 +87,9 @@ def driver() -> Iterator[object]:
 
 
 def test_dashboard_shows_a_killed_backend_going_down(
-    backends: list[BackendProcess],
+    backends: list[BackendProc],
     balancer: tuple[str, str],
-    traffic: list[int],
+    traffic: LoadLoop[None],
     driver: object,
 ) -> None:
     from selenium.webdriver.common.by import By
@@ -194,10 +120,10 @@ def test_dashboard_shows_a_killed_backend_going_down(
     assert driver.find_element(By.ID, "role").text.lower() == "standalone"
     assert driver.find_element(By.ID, "algorithm").get_attribute("value") == "round-robin"
     # a few seconds of traffic so the chart and the rates have history
-    WebDriverWait(driver, 10, 0.2).until(lambda d: len(traffic) > 150)
+    WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > 150)
 
     victim = backends[1]
-    victim.send_signal(signal.SIGKILL)
+    victim.signal(signal.SIGKILL)
     victim.wait(5)
     WebDriverWait(driver, 10, 0.1).until(lambda d: states()[ids[1]] in ("down", "ejected"))
     WebDriverWait(driver, 10, 0.1).until(
@@ -224,8 +150,8 @@ def test_dashboard_shows_a_killed_backend_going_down(
         time.sleep(0.1)
     assert api_state(balancer[1])["algorithm"] == "least-connections"
     # let the chart show the shift, then keep a picture for humans
-    seen = len(traffic)
-    WebDriverWait(driver, 10, 0.2).until(lambda d: len(traffic) > seen + 100)
+    seen = traffic.sent
+    WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > seen + 100)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

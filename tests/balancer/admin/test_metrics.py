@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.testing import RunningBackend, run_backend
 from balancer.admin.metrics import histogram_buckets
 from balancer.app import Balancer
 from balancer.config import AdminSettings, BackendSpec
 from balancer.lb.cluster import LATENCY_BUCKETS
+from harness import RunningBackend, run_backend
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

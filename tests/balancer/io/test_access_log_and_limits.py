@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backends.testing import run_backend
 from balancer.config import BackendSpec, Limits
+from harness import run_backend
 
 
 async def test_access_log_writes_one_json_line_per_request(

@@ -7,7 +7,6 @@ Roles are read from each balancer's admin API (`GET /api/state`).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,32 +15,25 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from harness import (
+    REPO,
+    BackendProc,
+    BalancerProc,
+    Harness,
+    free_port,
+    free_ports,
+    pair_args,
+    wait_until,
+)
+
 INTERVAL = 0.2  # the shipped default advert interval
-TAKEOVER_BOUND_S = 5.0  # generous: this is an integration test, not a benchmark
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
+TAKEOVER_BOUND_S = 5.0  # how long to wait for a takeover before failing (not a benchmark)
 
 # loopback only: never through an HTTP(S)_PROXY from the environment
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -56,144 +48,74 @@ def served_by(port: int, timeout: float = 0.5) -> str | None:
         return None
 
 
-class Proc:
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process must be able to die
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        finally:
-            self._log.close()
-
-
-class Node(Proc):
-    """One balancer of the pair, with its own backend and admin API."""
-
-    def __init__(
-        self, cluster: Cluster, name: str, priority: int, election: int, peer: int, extra: list[str]
-    ) -> None:
-        self.name = name
-        self.admin = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "balancer",
-            "--listen",
-            f"127.0.0.1:{cluster.service}",
-            "--backend",
-            f"127.0.0.1:{cluster.backends[name]}",
-            "--peer",
-            f"127.0.0.1:{peer}",
-            "--bind-election",
-            f"127.0.0.1:{election}",
-            "--priority",
-            str(priority),
-            "--advert-interval",
-            str(INTERVAL),
-            "--secret-file",
-            str(cluster.secret),
-            "--admin",
-            f"127.0.0.1:{self.admin}",
-            *extra,
-        ]
-        super().__init__(argv, cluster.tmp / f"{name}-{len(cluster.procs)}.log")
-
-    def state(self) -> dict[str, Any] | None:
-        try:
-            url = f"http://127.0.0.1:{self.admin}/api/state"
-            with _http.open(url, timeout=0.5) as resp:
-                data: dict[str, Any] = json.load(resp)
-                return data
-        except (OSError, urllib.error.URLError, ValueError):
-            return None
-
-    def role(self) -> str | None:
-        state = self.state()
-        return None if state is None else str(state["role"])
+def wait_for(pred: Callable[[], object], timeout: float, step: float = 0.02) -> bool:
+    return wait_until(pred, timeout, step)
 
 
 class Cluster:
-    """Two nodes "hi" and "lo", a backend each; everything is killed in close()."""
+    """Two nodes "hi" and "lo", a backend each, started through the test's harness."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
+    def __init__(self, harness: Harness, tmp: Path) -> None:
+        self.harness = harness
         self.secret = tmp / "pair.secret"
         self.secret.write_text("test-pair-secret\n")
         self.service = free_port()
-        self.elections = {"hi": free_port(socket.SOCK_DGRAM), "lo": free_port(socket.SOCK_DGRAM)}
-        self.backends: dict[str, int] = {}
-        self.procs: list[Proc] = []
-        for name in ("hi", "lo"):
-            port = free_port()
-            self.backends[name] = port
-            argv = [sys.executable, "-m", "backends", "--host", "127.0.0.1"]
-            argv += ["--port", str(port), "--name", name]
-            self.procs.append(Proc(argv, tmp / f"backend-{name}.log"))
-        for name, port in self.backends.items():
-            assert wait_for(partial(_connects, port), 15), f"backend {name} did not start"
+        hi, lo = free_ports(2, kind=socket.SOCK_DGRAM)  # held together: they differ
+        self.elections = {"hi": hi, "lo": lo}
+        self.backends: dict[str, BackendProc] = {n: harness.backend(n) for n in ("hi", "lo")}
 
-    def node(self, name: str, priority: int, *extra: str, wait_admin: bool = True) -> Node:
+    def node(self, name: str, priority: int, *extra: str) -> BalancerProc:
+        """A node whose admin API answers; it starts passive, so it need not listen yet."""
         other = "lo" if name == "hi" else "hi"
-        node = Node(self, name, priority, self.elections[name], self.elections[other], list(extra))
-        self.procs.append(node)
-        if wait_admin:
-            assert wait_for(lambda: node.state() is not None, 15), f"{name} admin: {node.log()}"
-        return node
+        return self.harness.balancer(
+            *("--listen", f"127.0.0.1:{self.service}"),
+            *("--backend", self.backends[name].address, "--admin", "127.0.0.1:0"),
+            *pair_args(
+                election=self.elections[name],
+                peer=self.elections[other],
+                priority=priority,
+                secret_file=self.secret,
+                advert_interval=INTERVAL,
+            ),
+            *extra,
+            name=name,
+            listens=False,
+        )
 
-    def pair(self, *extra: str) -> tuple[Node, Node]:
+    def pair(self, *extra: str) -> tuple[BalancerProc, BalancerProc]:
         """Start hi (150) first and wait until it serves, then lo (100): no start-up race."""
         hi = self.node("hi", 150, *extra)
-        assert wait_for(lambda: served_by(self.service) == "hi", 10), hi.log()
+        assert wait_for(lambda: served_by(self.service) == "hi", 10), hi.output()
         lo = self.node("lo", 100, *extra)
         # passive is also the start-up role: wait until each has heard the other
-        assert wait_for(lambda: lo.role() == "passive" and _peer_seen(lo), 5), lo.log()
-        assert wait_for(lambda: _peer_seen(hi), 5), hi.log()
+        assert wait_for(lambda: lo.role() == "passive" and _peer_seen(lo), 5), lo.output()
+        assert wait_for(lambda: _peer_seen(hi), 5), hi.output()
         return hi, lo
 
-    def takeover(self, sig: signal.Signals, victim: Node, to: str) -> float:
+    def takeover(self, sig: signal.Signals, victim: BalancerProc, to: str) -> float:
         start = time.monotonic()
-        victim.proc.send_signal(sig)
+        victim.signal(sig)
         assert wait_for(lambda: served_by(self.service, 0.2) == to, TAKEOVER_BOUND_S, 0.01), (
             f"no takeover after {sig.name}"
         )
         return time.monotonic() - start
 
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            proc.kill()
+
+def _state(node: BalancerProc) -> dict[str, Any] | None:
+    try:
+        return node.state()
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
-def _peer_seen(node: Node) -> bool:
-    state = node.state()
+def _peer_seen(node: BalancerProc) -> bool:
+    state = _state(node)
     return state is not None and state["role_detail"].get("peer") is not None
 
 
-def _connects(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
+def cluster(harness: Harness, tmp_path: Path) -> Cluster:
+    return Cluster(harness, tmp_path)
 
 
 def test_higher_priority_becomes_active_and_serves(cluster: Cluster) -> None:
@@ -201,11 +123,11 @@ def test_higher_priority_becomes_active_and_serves(cluster: Cluster) -> None:
     assert served_by(cluster.service) == "hi"
     assert hi.role() == "active"
     assert lo.role() == "passive"
-    state = hi.state()
+    state = _state(hi)
     assert state is not None
     assert state["role_detail"]["mode"] == "local"
     assert state["role_detail"]["peer"]["node"].endswith(f":{cluster.elections['lo']}")
-    assert "role passive -> active" in hi.log()
+    assert "role passive -> active" in hi.output()
 
 
 def test_passive_counts_its_healthy_backends(cluster: Cluster) -> None:
@@ -213,11 +135,11 @@ def test_passive_counts_its_healthy_backends(cluster: Cluster) -> None:
     # penalty (no backends while the peer has some) drops its priority to the floor.
     # Watched through hi's view of its peer: lo's admin API would refresh lo's cluster itself.
     hi = cluster.node("hi", 150)
-    assert wait_for(lambda: served_by(cluster.service) == "hi", 10), hi.log()
-    cluster.node("lo", 100, wait_admin=False)
+    assert wait_for(lambda: served_by(cluster.service) == "hi", 10), hi.output()
+    cluster.node("lo", 100)
 
     def peer() -> dict[str, Any]:
-        state = hi.state()
+        state = _state(hi)
         return (state or {}).get("role_detail", {}).get("peer") or {}
 
     assert wait_for(lambda: peer().get("healthy_backends") == 1, 10), peer()
@@ -232,34 +154,34 @@ def test_sigkill_active_passive_takes_over(cluster: Cluster) -> None:
     took = cluster.takeover(signal.SIGKILL, hi, "lo")
     print(f"SIGKILL takeover (local mode, interval {INTERVAL} s): {took:.3f} s")
     assert lo.role() == "active"
-    assert "master down" in lo.log()
+    assert "master down" in lo.output()
 
 
 def test_sigterm_active_resigns_and_passive_takes_over(cluster: Cluster) -> None:
     hi, lo = cluster.pair()
     took = cluster.takeover(signal.SIGTERM, hi, "lo")
     print(f"SIGTERM takeover (local mode): {took:.3f} s")
-    assert hi.proc.wait(timeout=15) == 0
-    assert "role active -> passive (resigned)" in hi.log()
-    assert "peer resigned" in lo.log()
-    state = lo.state()
+    assert hi.wait(timeout=15) == 0
+    assert "role active -> passive (resigned)" in hi.output()
+    assert "peer resigned" in lo.output()
+    state = _state(lo)
     assert state is not None and state["role"] == "active"
     assert state["role_detail"]["last_transition"]["reason"] == "peer resigned"
 
 
 def test_sigstop_then_sigcont_leaves_exactly_one_active(cluster: Cluster) -> None:
     hi, lo = cluster.pair()
-    hi.proc.send_signal(signal.SIGSTOP)
+    hi.signal(signal.SIGSTOP)
     try:
         # lo wins the election, but the frozen hi still holds the service port (local mode)
-        assert wait_for(lambda: lo.role() == "active", TAKEOVER_BOUND_S), lo.log()
+        assert wait_for(lambda: lo.role() == "active", TAKEOVER_BOUND_S), lo.output()
         # local-mode limitation: the kernel still queues connections for the frozen process,
         # so lo cannot bind the port and clients get no answer until SIGCONT
         assert served_by(cluster.service, 0.3) is None
         time.sleep(3)
-        during = lo.state()
+        during = _state(lo)
     finally:
-        hi.proc.send_signal(signal.SIGCONT)
+        hi.signal(signal.SIGCONT)
     assert during is not None
     detail = during["role_detail"]
     print(f"during SIGSTOP lo: role={during['role']} listen_error={detail.get('listen_error')}")
@@ -270,7 +192,7 @@ def test_sigstop_then_sigcont_leaves_exactly_one_active(cluster: Cluster) -> Non
         roles = sorted([str(hi.role()), str(lo.role())])
         return roles == ["active", "passive"]
 
-    assert wait_for(one_active, TAKEOVER_BOUND_S), (hi.log(), lo.log())
+    assert wait_for(one_active, TAKEOVER_BOUND_S), (hi.output(), lo.output())
     # and it stays that way (a few advert intervals), with the service answering
     time.sleep(5 * INTERVAL)
     assert one_active()
@@ -282,19 +204,19 @@ def test_sigstop_then_sigcont_leaves_exactly_one_active(cluster: Cluster) -> Non
 def test_preempt_restarted_higher_priority_takes_back(cluster: Cluster) -> None:
     hi, lo = cluster.pair()
     cluster.takeover(signal.SIGTERM, hi, "lo")
-    hi.proc.wait(timeout=15)
+    hi.wait(timeout=15)
     hi2 = cluster.node("hi", 150)
-    assert wait_for(lambda: served_by(cluster.service) == "hi", TAKEOVER_BOUND_S), hi2.log()
-    assert wait_for(lambda: lo.role() == "passive", TAKEOVER_BOUND_S), lo.log()
+    assert wait_for(lambda: served_by(cluster.service) == "hi", TAKEOVER_BOUND_S), hi2.output()
+    assert wait_for(lambda: lo.role() == "passive", TAKEOVER_BOUND_S), lo.output()
     assert hi2.role() == "active"
 
 
 def test_no_preempt_restarted_higher_priority_stays_passive(cluster: Cluster) -> None:
     hi, lo = cluster.pair("--no-preempt")
     cluster.takeover(signal.SIGTERM, hi, "lo")
-    hi.proc.wait(timeout=15)
+    hi.wait(timeout=15)
     hi2 = cluster.node("hi", 150, "--no-preempt")
-    assert wait_for(lambda: hi2.role() == "passive", 5), hi2.log()
+    assert wait_for(lambda: hi2.role() == "passive", 5), hi2.output()
     time.sleep(10 * INTERVAL)  # well past the master-down time (~0.7 s)
     assert hi2.role() == "passive"
     assert lo.role() == "active"
@@ -309,7 +231,7 @@ def test_equal_priorities_elect_exactly_one(cluster: Cluster) -> None:
     def one_active() -> bool:
         return sorted([str(a.role()), str(b.role())]) == ["active", "passive"]
 
-    assert wait_for(one_active, TAKEOVER_BOUND_S), (a.log(), b.log())
+    assert wait_for(one_active, TAKEOVER_BOUND_S), (a.output(), b.output())
     time.sleep(5 * INTERVAL)
     assert one_active()
 
@@ -346,7 +268,7 @@ def test_bad_pair_settings_are_refused(
     for key, value in flags.items():
         argv += [key, value]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 2
     assert message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -1,0 +1,318 @@
+"""Backends b1..bN and one balancer (or a pair `a`/`b`) on loopback, as child processes.
+
+`python -m loadtest.local` runs one on fixed ports; drills, soak and tests use
+`LocalStack.ephemeral()`, which lets every process pick its own port where it can report
+it, and takes free ports only where two processes must agree beforehand (a pair's shared
+service port and election ports).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from balancer.lb.algorithms import ALGORITHMS
+from harness.backends import BackendProc
+from harness.balancers import BalancerProc, pair_args
+from harness.http import probe
+from harness.procs import (
+    HOST,
+    REPO,
+    Child,
+    StartError,
+    free_port,
+    free_ports,
+    listener_problem,
+)
+
+BACKEND_PORTS = (9101, 9102, 9103)
+LISTEN_PORT = 8080
+ADMIN_PORTS = (9000, 9001)
+ELECTION_PORTS = (7946, 7947)
+PRIORITIES = (150, 100)
+
+
+class StackError(StartError):
+    """The stack could not be started; the message says which process and why."""
+
+
+class LocalStack:
+    """Backends b1..bN and one balancer (or a pair `a`/`b`) on loopback.
+
+    Backends are addressed by 0-based index (b1 is 0). Balancer admin APIs are plain HTTP.
+    Port 0 means "the process picks one and reports it".
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithm: str = "round-robin",
+        hash_key: str | None = None,
+        tls: bool = False,
+        pair: bool = False,
+        admin: bool = True,
+        host: str = HOST,
+        backend_ports: tuple[int, ...] = BACKEND_PORTS,
+        listen_port: int = LISTEN_PORT,
+        admin_ports: tuple[int, int] = ADMIN_PORTS,
+        election_ports: tuple[int, int] = ELECTION_PORTS,
+        workdir: Path | None = None,
+        pki_dir: Path | None = None,
+        check_interval: float | None = None,
+        balancer_args: tuple[str, ...] = (),
+        ready_timeout: float = 20.0,
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise StackError(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
+        if pair and not admin:
+            raise StackError("a pair needs the admin API (to tell the active from the passive)")
+        if pair and (listen_port == 0 or 0 in election_ports):
+            raise StackError("a pair needs a fixed service port and election ports")
+        self.algorithm = algorithm
+        self.hash_key = hash_key
+        self.tls = tls
+        self.pair = pair
+        self.admin = admin
+        self.host = host
+        self.backend_ports = backend_ports
+        self.listen_port = listen_port
+        self.admin_ports = admin_ports
+        self.election_ports = election_ports
+        self.check_interval = check_interval
+        self.balancer_args = balancer_args
+        self.ready_timeout = ready_timeout
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lb-local-"))
+        self.pki_dir = (pki_dir or Path("pki")).resolve()
+        self.ca_file: str | None = str(self.pki_dir / "ca.crt") if tls else None
+        self.backends: list[BackendProc] = []
+        self.balancers: list[BalancerProc] = []
+        self._ssl: ssl.SSLContext | None = None
+
+    @classmethod
+    def ephemeral(cls, *, pair: bool = False, **kwargs: Any) -> LocalStack:
+        """A stack that cannot collide with `make local` or another run (see the module)."""
+        kwargs.setdefault("backend_ports", (0, 0, 0))
+        kwargs.setdefault("admin_ports", (0, 0))
+        kwargs.setdefault("listen_port", free_port() if pair else 0)
+        election = free_ports(2, kind=socket.SOCK_DGRAM)  # held together: they differ
+        kwargs.setdefault("election_ports", (election[0], election[1]))
+        return cls(pair=pair, **kwargs)
+
+    # addresses --------------------------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def service_port(self) -> int:
+        """The service port (known once started when `listen_port` was 0)."""
+        if self.listen_port == 0 and self.balancers:
+            return self.balancers[0].port
+        return self.listen_port
+
+    @property
+    def service_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.service_port}"
+
+    @property
+    def admin_urls(self) -> dict[str, str]:
+        return {b.name: b.admin_url for b in self.balancers if b.admin_url}
+
+    @property
+    def backend_urls(self) -> dict[str, str]:
+        return {b.name: b.url for b in self.backends}
+
+    def backend_id(self, i: int) -> str:
+        """The backend's id in the balancer's /api/state."""
+        return self.backends[i].address
+
+    def balancer(self, name: str) -> BalancerProc:
+        for b in self.balancers:
+            if b.name == name:
+                return b
+        raise KeyError(f"no balancer named {name!r}")
+
+    @property
+    def procs(self) -> list[Child]:
+        return [*self.backends, *self.balancers]
+
+    # life cycle -------------------------------------------------------------------------
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start everything and wait (bounded) until each process answers; stop on failure."""
+        try:
+            self._start()
+        except StartError as exc:
+            self.stop(keep_logs=True)  # the error names a log file: it must still be there
+            raise StackError(str(exc)) from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        tls_args: list[str] = []
+        if self.tls:
+            cert, key = self._issue_certs()
+            tls_args = ["--tls-cert", cert, "--tls-key", key]
+            self._ssl = ssl.create_default_context(cafile=self.ca_file)
+        for i, port in enumerate(self.backend_ports):
+            name = f"b{i + 1}"
+            proc = BackendProc(
+                name,
+                logs / f"{name}.log",
+                host=self.host,
+                port=port,
+                shutdown_timeout=2.0,
+                start_timeout=self.ready_timeout,
+            )
+            self.backends.append(proc)
+            proc.start_nowait()  # all three boot at once; readiness is checked below
+        for proc in self.backends:
+            proc.wait_until_ready()
+        common = ["--listen", f"{self.host}:{self.listen_port}"]
+        for b in self.backends:
+            common += ["--backend", b.address]
+        common += ["--algorithm", self.algorithm, "--timeout-shutdown-grace", "3"]
+        if self.hash_key:
+            common += ["--hash-key", self.hash_key]
+        if self.check_interval is not None:
+            common += ["--check-interval", str(self.check_interval)]
+        common += tls_args + list(self.balancer_args)
+        if not self.pair:
+            argv = list(common)
+            if self.admin:
+                argv += ["--admin", f"{self.host}:{self.admin_ports[0]}"]
+            self.balancers.append(self._balancer("a", argv, listens=True))
+        else:
+            secret = self._write_secret()
+            for me, name in enumerate(("a", "b")):
+                argv = [*common, "--admin", f"{self.host}:{self.admin_ports[me]}"]
+                argv += pair_args(
+                    election=self.election_ports[me],
+                    peer=self.election_ports[1 - me],
+                    priority=PRIORITIES[me],
+                    secret_file=secret,
+                    host=self.host,
+                )
+                # a pair node starts passive: only the active binds the service
+                self.balancers.append(self._balancer(name, argv, listens=False))
+        for node in self.balancers:
+            node.start_nowait()  # they boot together; each is checked below
+        for node in self.balancers:
+            node.wait_until_ready()
+        # the service answers 200 once the checks have marked a backend up, and the
+        # process answering must be ours (a is the active of a pair: higher priority)
+        first = self.balancers[0]
+        first.wait_ready(self._service_ready, self.ready_timeout, step=0.1)
+
+    def _balancer(self, name: str, argv: list[str], *, listens: bool) -> BalancerProc:
+        return BalancerProc(
+            name,
+            argv,
+            self.workdir / "logs" / f"{name}.log",
+            listens=listens,
+            start_timeout=self.ready_timeout,
+        )
+
+    def _service_ready(self) -> str | None:
+        problem = probe(self.host, self.service_port, "/", ctx=self._ssl)
+        if problem is None:
+            problem = listener_problem(self.balancers[0], self.service_port)
+        return problem
+
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop balancers first (they drain), then backends. Safe to call twice."""
+        for proc in [*self.balancers, *self.backends]:
+            proc.stop()
+        if keep_logs:
+            self._own_workdir = False  # a later stop() must not remove them either
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # drills -------------------------------------------------------------------------------
+    def kill_backend(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self.backends[i].signal(sig)
+
+    def restart_backend(self, i: int, wait: bool = True) -> None:
+        """Start backend i again (after a kill/stop) on the same port."""
+        proc = self.backends[i]
+        proc.stop(grace=2.0)
+        if wait:
+            proc.start()
+        else:
+            proc.start_nowait()
+
+    def kill_balancer(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.balancer(name).signal(sig)
+
+    def restart_balancer(self, name: str, wait: bool = False) -> None:
+        """Start balancer `name` again (a drill times the recovery itself: no wait)."""
+        proc = self.balancer(name)
+        proc.stop(grace=2.0)
+        if wait:
+            proc.start()
+        else:
+            proc.start_nowait()
+
+    # helpers ------------------------------------------------------------------------------
+    def _issue_certs(self) -> tuple[str, str]:
+        run = [sys.executable, "-m", "ca"]
+        d = str(self.pki_dir)
+        issue = [*run, "issue", "--dir", d, "--name", "localhost", "--ip", self.host]
+        for argv in ([*run, "init", "--dir", d], [*issue, "--dns", "localhost", "--force"]):
+            res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+            if res.returncode != 0:
+                msg = (res.stderr or res.stdout).strip().splitlines()
+                raise StackError(f"{' '.join(argv[1:4])} failed: {msg[-1] if msg else '?'}")
+        return str(self.pki_dir / "localhost.crt"), str(self.pki_dir / "localhost.key")
+
+    def _write_secret(self) -> Path:
+        path = self.workdir / "pair.secret"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        return path
+
+
+def wait_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
+    """The pids still running after up to `seconds` (zombies count as gone: a container's
+    PID 1 may never reap them)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [p for p in pids if not _gone(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state in ("Z", "X")
