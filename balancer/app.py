@@ -105,6 +105,7 @@ class Balancer:
             cfg.limits, cfg.timeouts, self.clock, self.connector.open, attach
         )
         batch = loop_batch(self.loop)
+        self.access_log = access_log_sink(cfg.access_log)
         self.ctx = ListenerContext(
             cfg,
             self.cluster,
@@ -112,7 +113,7 @@ class Balancer:
             clock=self.clock,
             batch=batch,
             proto=proto,
-            access_log=access_log_sink(cfg.access_log),
+            access_log=self.access_log,
         )
         self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
         self.checks: ActiveChecks | None = None
@@ -327,7 +328,10 @@ class Balancer:
             self.set_algorithm(cfg.algorithm)
         cluster.budget.configure(cfg.retries.budget_ratio, cfg.retries.budget_min_per_second)
         if cfg.access_log != self.cfg.access_log:
-            self.ctx.access_log = access_log_sink(cfg.access_log)
+            old, self.access_log = self.access_log, access_log_sink(cfg.access_log)
+            self.ctx.access_log = self.access_log
+            if old is not None:
+                old.close()
         if cfg.log_level != self.cfg.log_level:
             logging.getLogger().setLevel(cfg.log_level.upper())
         if cfg.discover and not self.cfg.discover:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 from typing import IO, cast
 
 from balancer.http1.redirect import Redirect
@@ -28,13 +27,21 @@ class RedirectProtocol(asyncio.Protocol):
             t.close()
 
 
-def access_log_sink(target: str | None) -> Callable[[str], None] | None:
-    """`-` for stdout, a path to append to, None for no access log."""
-    if target is None:
-        return None
-    out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
+class AccessLog:
+    """The access-log sink: `-` for stdout, a path to append to (line-buffered)."""
 
-    def sink(line: str) -> None:
-        out.write(line + "\n")
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
 
-    return sink
+    def __call__(self, line: str) -> None:
+        self.out.write(line + "\n")
+
+    def close(self) -> None:
+        if self.out is not sys.stdout:
+            self.out.close()
+
+
+def access_log_sink(target: str | None) -> AccessLog | None:
+    """None for no access log."""
+    return None if target is None else AccessLog(target)

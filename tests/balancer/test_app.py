@@ -105,3 +105,19 @@ async def test_a_reported_role_is_shown_and_announced(
         EventKind.ROLE,
         "standalone -> active: test",
     )
+
+
+async def test_a_reload_that_moves_the_access_log_closes_the_old_file(
+    tmp_path: Path, start_balancer: Callable[..., Awaitable[Balancer]]
+) -> None:
+    from dataclasses import replace
+
+    first, second = tmp_path / "one.log", tmp_path / "two.log"
+    bal = await start_balancer(SPECS, access_log=str(first))
+    old = bal.access_log
+    assert old is not None and not old.out.closed
+    result = bal.apply(replace(bal.cfg, access_log=str(second)))
+    assert "access_log" in result.applied
+    assert old.out.closed  # no file handle leaks per reload
+    assert bal.ctx.access_log is bal.access_log and bal.access_log is not None
+    assert bal.access_log.target == str(second)
