@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -199,3 +199,28 @@ def _close(proc: BackendProcess) -> None:
     # Nothing more is written to stdout after the ready line; close our end of the pipe.
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+_BUSY_LOOP = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    pass\n"
+)
+
+
+@contextmanager
+def cpu_load(seconds: float = 120.0, processes: int | None = None) -> Iterator[int]:
+    """Keep the machine busy: one busy-loop process per core (or ``processes``) while the block
+    runs, as on a loaded CI machine. Each loop also ends by itself after ``seconds``; the block
+    always kills them. Yields how many run."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(processes or os.cpu_count() or 1):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(seconds)]))
+        yield len(procs)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

@@ -7,7 +7,7 @@ are there when the kernel's buffers for the connection are full as the handler w
 chunk, so the client keeps those buffers small: a small receive buffer and a small MSS (the
 server's send buffer is sized from the MSS and congestion window), and it reads slowly. Before
 the fix the process then exited with the tail unsent: a clean EOF, 40-90 KB short, in every
-trial. CPU load (the cpu_load fixture, a busy loop per core) makes the process slow to get back
+trial. CPU load (a busy loop per core) makes the process slow to get back
 to its loop, as on a busy CI machine.
 """
 
@@ -16,10 +16,11 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from backends.testing import BackendProcess, spawn_backend_process
+from backends.testing import BackendProcess, cpu_load, spawn_backend_process
 
 BODY = 1024 * 1024  # far more than the kernel buffers of the connection hold
 MSS = 536  # the smallest an IPv4 peer must accept; keeps the server's send buffer small
@@ -28,6 +29,12 @@ READ = 16 * 1024
 PAUSE_S = 0.01  # the slow reader: at most READ bytes every PAUSE_S
 IO_TIMEOUT_S = 10.0
 TRIALS = 3
+
+
+@pytest.fixture(name="cpu_load")
+def cpu_load_fixture() -> Iterator[int]:
+    with cpu_load() as busy:
+        yield busy
 
 
 def download_across_sigterm(proc: BackendProcess, n: int) -> int:
