@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_SHUTDOWN_S,
         metavar="S",
-        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default %(default)s)",
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish and reach the client "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--access-log", action="store_true", help="log one line per request to stderr"

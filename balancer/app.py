@@ -240,7 +240,16 @@ class Balancer:
         return name[0], name[1]
 
     async def stop(self) -> None:
-        """SIGTERM: stop accepting, finish in-flight requests, resign, exit."""
+        """SIGTERM: stop accepting, finish in-flight requests, resign, exit.
+
+        Within `shutdown_grace` of the call, in-flight exchanges finish and every client
+        connection delivers what is queued for it, then closes. An exchange has "finished"
+        once its last byte is handed to the client transport; a slow reader has not taken it
+        yet, and `transport.close()` only starts a graceful close that sends the write buffer
+        while the loop runs. So stop() waits for each client connection to be really closed
+        (its `connection_lost`, which takes it out of `ctx.clients`): returning earlier let
+        the process exit with the tail of the response unsent, a clean EOF hundreds of KB short.
+        """
         if self.stopping:
             return
         self.stopping = True
@@ -248,14 +257,21 @@ class Balancer:
         if self.pair is not None:
             await self.pair.stop()
         await self.stop_listening()
-        self.ctx.draining = True
+        ctx = self.ctx
+        ctx.draining = True
         deadline = self.loop.time() + self.cfg.timeouts.shutdown_grace
         while self.loop.time() < deadline and any(
-            c.current is not None or c.tunnel is not None for c in self.ctx.clients
+            c.current is not None or c.tunnel is not None for c in ctx.clients
         ):
             await asyncio.sleep(0.05)
-        for conn in list(self.ctx.clients):
-            conn._close()
+        for conn in list(ctx.clients):
+            ex = conn.current
+            if ex is not None and ex.response_started:
+                # cut off by the grace: a FIN could pass a close-delimited body as complete
+                conn._abort()
+            else:
+                conn._close()  # flushes what the Sender batch holds, then a graceful close
+        await self._wait_clients_closed(deadline)
         if self.checks is not None:
             await self.checks.stop()
         for t in self.tasks:
@@ -267,6 +283,24 @@ class Balancer:
         for backend in self.cluster.backends.values():
             while backend.idle:
                 backend.idle.pop().close()
+
+    async def _wait_clients_closed(self, deadline: float) -> None:
+        """Keep the loop running until every client connection has closed, i.e. flushed its
+        write buffer to the kernel (bounded by `deadline`); abort what is left then."""
+        clients = self.ctx.clients
+        while clients and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if clients:
+            unsent = sum(
+                c.transport.get_write_buffer_size() for c in clients if c.transport is not None
+            )
+            log.warning(
+                "shutdown grace over: %d client connection(s) still had %d byte(s) unsent",
+                len(clients),
+                unsent,
+            )
+            for conn in list(clients):
+                conn._abort()
 
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:

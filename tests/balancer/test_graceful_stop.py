@@ -1,0 +1,80 @@
+"""SIGTERM to a balancer process in the middle of a large response it relays to a slow reader,
+on a busy machine: every byte still arrives.
+
+`Balancer.stop()` waits for in-flight exchanges, then closes the client connections. A close
+only starts a graceful close: bytes the client has not taken yet wait in the client
+transport's write buffer (the balancer stops reading the backend while that buffer is above its
+high-water mark, so at the end of a large response to a slow reader it is never empty), and
+they leave only while the event loop still runs. The client keeps the kernel buffers small (a
+small receive buffer and MSS: the balancer's send buffer is sized from the MSS and congestion
+window) and reads slowly, so the last bytes of the response are in that transport buffer when
+the exchange ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from balancer_procs import IO_TIMEOUT, BalancerProc
+
+from backends.testing import BackendProcess, cpu_load
+
+BODY = 1024 * 1024  # far more than the kernel buffers of the client connection hold
+MSS = 536  # the smallest an IPv4 peer must accept; keeps the balancer's send buffer small
+RCVBUF = 8 * 1024
+READ = 16 * 1024
+PAUSE_S = 0.01  # the slow reader: at most READ bytes every PAUSE_S
+TRIALS = 3
+
+
+@pytest.fixture(name="cpu_load")
+def cpu_load_fixture() -> Iterator[int]:
+    with cpu_load() as busy:
+        yield busy
+
+
+def download_across_sigterm(lb: BalancerProc, n: int) -> tuple[bytes, int]:
+    """GET /bytes?n=N through the balancer, SIGTERM it once the response head has arrived
+    (the exchange is then relaying the body), read the body slowly until EOF.
+    Returns (head, body bytes received)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, MSS)
+        sock.settimeout(2 * IO_TIMEOUT)
+        sock.connect(("127.0.0.1", lb.port))
+        sock.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(READ)
+            assert chunk, f"connection closed before the response head: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        received = len(body)
+        lb.proc.send_signal(signal.SIGTERM)
+        while chunk := sock.recv(READ):
+            received += len(chunk)
+            time.sleep(PAUSE_S)
+    return head, received
+
+
+@pytest.mark.usefixtures("cpu_load")
+def test_sigterm_mid_response_delivers_every_byte_to_a_slow_reader_under_cpu_load(
+    tmp_path: Path, procs: list[Any], backend: Callable[..., BackendProcess]
+) -> None:
+    a = backend("a")
+    for trial in range(TRIALS):
+        lb = BalancerProc(
+            tmp_path, ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{a.port}"], f"lb{trial}"
+        )
+        procs.append(lb)
+        head, received = download_across_sigterm(lb, BODY)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert f"content-length: {BODY}".encode() in head.lower(), head
+        assert lb.proc.wait(timeout=2 * IO_TIMEOUT) == 0
+        assert received == BODY, f"trial {trial}: {BODY - received} bytes short"
