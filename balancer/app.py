@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +27,20 @@ from balancer.io.proxy import (
 from balancer.lb.cluster import Backend, Cluster
 
 log = logging.getLogger("balancer")
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def _reset(conn: ClientConnection) -> None:
+    """Cut a client connection with a RST. `transport.abort()` alone drops the write buffer
+    but still ends with a FIN, and after a FIN a truncated close-delimited body looks
+    complete to the client."""
+    t = conn.transport
+    sock = t.get_extra_info("socket") if t is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    conn._abort()
+
 
 # Settings a reload cannot change in a running process (sockets, contexts and check tasks
 # are built from them at start). The admin token file and client CA are re-read per request.
@@ -264,14 +280,15 @@ class Balancer:
             c.current is not None or c.tunnel is not None for c in ctx.clients
         ):
             await asyncio.sleep(0.05)
+        closing: list[ClientConnection] = []
         for conn in list(ctx.clients):
             ex = conn.current
             if ex is not None and ex.response_started:
-                # cut off by the grace: a FIN could pass a close-delimited body as complete
-                conn._abort()
+                _reset(conn)  # cut off by the grace
             else:
                 conn._close()  # flushes what the Sender batch holds, then a graceful close
-        await self._wait_clients_closed(deadline)
+                closing.append(conn)
+        await self._wait_closed(closing, deadline)
         if self.checks is not None:
             await self.checks.stop()
         for t in self.tasks:
@@ -284,23 +301,22 @@ class Balancer:
             while backend.idle:
                 backend.idle.pop().close()
 
-    async def _wait_clients_closed(self, deadline: float) -> None:
-        """Keep the loop running until every client connection has closed, i.e. flushed its
-        write buffer to the kernel (bounded by `deadline`); abort what is left then."""
+    async def _wait_closed(self, closing: list[ClientConnection], deadline: float) -> None:
+        """Keep the loop running until these client connections have closed, i.e. flushed
+        their write buffers to the kernel (bounded by `deadline`); reset what is left then."""
         clients = self.ctx.clients
-        while clients and self.loop.time() < deadline:
+        while self.loop.time() < deadline and any(c in clients for c in closing):
             await asyncio.sleep(0.01)
-        if clients:
-            unsent = sum(
-                c.transport.get_write_buffer_size() for c in clients if c.transport is not None
-            )
+        left = [c for c in closing if c in clients]
+        if left:
+            unsent = sum(c.transport.get_write_buffer_size() for c in left if c.transport)
             log.warning(
                 "shutdown grace over: %d client connection(s) still had %d byte(s) unsent",
-                len(clients),
+                len(left),
                 unsent,
             )
-            for conn in list(clients):
-                conn._abort()
+            for conn in left:
+                _reset(conn)
 
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:

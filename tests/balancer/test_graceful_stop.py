@@ -78,3 +78,30 @@ def test_sigterm_mid_response_delivers_every_byte_to_a_slow_reader_under_cpu_loa
         assert f"content-length: {BODY}".encode() in head.lower(), head
         assert lb.proc.wait(timeout=2 * IO_TIMEOUT) == 0
         assert received == BODY, f"trial {trial}: {BODY - received} bytes short"
+
+
+def test_a_response_cut_by_the_grace_ends_in_a_reset_not_a_clean_close(
+    tmp_path: Path, procs: list[Any], backend: Callable[..., BackendProcess]
+) -> None:
+    # A client that stops reading keeps the exchange in flight past the grace. What it then
+    # holds must not look complete: with a close-delimited body a clean FIN would.
+    a = backend("a")
+    args = ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{a.port}"]
+    lb = BalancerProc(tmp_path, [*args, "--timeout-shutdown-grace", "1"])
+    procs.append(lb)
+    n = 64 * 1024 * 1024  # far more than every buffer on the way holds
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.settimeout(2 * IO_TIMEOUT)
+        sock.connect(("127.0.0.1", lb.port))
+        sock.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        data = sock.recv(READ)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        lb.proc.send_signal(signal.SIGTERM)
+        assert lb.proc.wait(timeout=2 * IO_TIMEOUT) == 0  # the grace is over: it has exited
+        received = len(data)
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(1024 * 1024):
+                received += len(chunk)
+    assert received < n
+    assert "shutdown grace over" not in lb.stderr()  # it was aborted, not left to flush
