@@ -6,7 +6,7 @@ the connection: its handler's last ``write()`` does not wait for them to reach t
 are there when the kernel's buffers for the connection are full as the handler writes its last
 chunk, so the client keeps those buffers small: a small receive buffer and a small MSS (the
 server's send buffer is sized from the MSS and congestion window), and it reads slowly. Before
-the fix the process then exited with the tail unsent: a clean EOF, 40-90 KB short, in every
+the fix the process then exited with the tail unsent: a clean EOF, 40-120 KB short, in every
 trial. CPU load (a busy loop per core) makes the process slow to get back
 to its loop, as on a busy CI machine.
 """
