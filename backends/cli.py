@@ -17,6 +17,8 @@ from backends.app import MAX_DELAY_MS, make_app, validate_name
 
 DEFAULT_KEEPALIVE_S = 75.0
 DEFAULT_SHUTDOWN_S = 8.0  # below docker stop's 10 s grace, so we exit before SIGKILL
+FLUSH_POLL_S = 0.01
+log = logging.getLogger("backends")
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_SHUTDOWN_S,
         metavar="S",
-        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default %(default)s)",
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish and reach the client "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--access-log", action="store_true", help="log one line per request to stderr"
@@ -139,14 +142,35 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    A graceful stop has three steps: stop listening, let in-flight handlers finish (aiohttp's
+    ``runner.cleanup()``, bounded by ``--shutdown-timeout``), then keep the event loop running
+    until every connection has really closed. The last step is ours: aiohttp ends each
+    connection with ``transport.close()``, which only *starts* a graceful close. The transport
+    may still hold up to ~80 KB of the response in its user-space write buffer (the handler's
+    last ``write()`` does not wait for it to drain), and those bytes are only sent while the
+    loop runs. Returning straight after ``cleanup()`` closed the loop and exited the process
+    with them unsent: the client saw a clean EOF, a few dozen KB short.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     access_log = configure_logging(args.name, args.access_log)
+    app = make_app(args.name, args.delay_ms)
+    closing: list[asyncio.BaseTransport] = []
+
+    async def remember_connections(_app: web.Application) -> None:
+        # on_shutdown runs after the listener closed and before aiohttp closes connections:
+        # this is every connection that can still have bytes to deliver.
+        for handler in runner.server.connections if runner.server is not None else ():
+            if handler.transport is not None:
+                closing.append(handler.transport)
+
+    app.on_shutdown.append(remember_connections)
     runner = web.AppRunner(
-        make_app(args.name, args.delay_ms),
+        app,
         handle_signals=False,
         keepalive_timeout=args.keepalive_timeout,
         shutdown_timeout=args.shutdown_timeout,
@@ -164,7 +188,36 @@ async def serve(
             on_ready(f"{scheme}://{shown}:{port}")
         await stop.wait()
     finally:
+        deadline = loop.time() + args.shutdown_timeout
         await runner.cleanup()
+        await wait_closed(closing, deadline)
+
+
+def _closed(transport: asyncio.BaseTransport) -> bool:
+    # A transport's socket reports fileno() -1 once the transport has really closed (asyncio
+    # and uvloop alike; for TLS it is the underlying TCP socket). is_closing() is not enough:
+    # it turns true when close() is called, while the write buffer may still be flushing.
+    sock = transport.get_extra_info("socket")
+    return sock is None or sock.fileno() == -1
+
+
+async def wait_closed(transports: Sequence[asyncio.BaseTransport], deadline: float) -> None:
+    """Run the loop until every transport has closed (flushed its write buffer), or until
+    ``deadline`` (loop time); log what is still unsent then, since the exit will drop it."""
+    loop = asyncio.get_running_loop()
+    pending = [t for t in transports if not _closed(t)]
+    while pending and loop.time() < deadline:
+        await asyncio.sleep(FLUSH_POLL_S)
+        pending = [t for t in pending if not _closed(t)]
+    if pending:
+        unsent = sum(
+            t.get_write_buffer_size() for t in pending if isinstance(t, asyncio.WriteTransport)
+        )
+        log.warning(
+            "shutdown timeout: %d connection(s) still open, %d byte(s) unsent",
+            len(pending),
+            unsent,
+        )
 
 
 def _announce(url: str, name: str) -> None:

@@ -24,7 +24,7 @@ from balancer.config import (
 )
 from balancer.events import Event, EventKind
 from balancer.http1.client import rescue_in_flight
-from balancer.http1.exchange import ListenerContext, ListenerStats, Pool, attach
+from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, Pool, attach
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from balancer.pair.role import BalancerRole, PairRole
 
 log = logging.getLogger("balancer")
+
 
 # the event each admin state is announced with; a removal announces "draining" itself
 STATE_EVENTS: dict[str, EventKind] = {
@@ -219,7 +220,16 @@ class Balancer:
         return name[0], name[1]
 
     async def stop(self) -> None:
-        """SIGTERM: stop accepting, finish in-flight requests, resign, exit."""
+        """SIGTERM: stop accepting, finish in-flight requests, resign, exit.
+
+        Within `shutdown_grace` of the call, in-flight exchanges finish and every client
+        connection delivers what is queued for it, then closes. An exchange has "finished"
+        once its last byte is handed to the client transport; a slow reader has not taken it
+        yet, and `transport.close()` only starts a graceful close that sends the write buffer
+        while the loop runs. So stop() waits for each client connection to be really closed
+        (its `connection_lost`, which takes it out of `ctx.clients`): returning earlier let
+        the process exit with the tail of the response unsent, a clean EOF hundreds of KB short.
+        """
         if self.stopping:
             return
         self.stopping = True
@@ -227,14 +237,22 @@ class Balancer:
         if self.pair is not None:
             await self.pair.stop()
         await self.stop_listening()
-        self.ctx.draining = True
+        ctx = self.ctx
+        ctx.draining = True
         deadline = self.loop.time() + self.cfg.timeouts.shutdown_grace
         while self.loop.time() < deadline and any(
-            c.current is not None or c.tunnel is not None for c in self.ctx.clients
+            c.current is not None or c.tunnel is not None for c in ctx.clients
         ):
             await asyncio.sleep(0.05)
-        for conn in list(self.ctx.clients):
-            conn._close()
+        closing: list[ClientPort] = []
+        for conn in list(ctx.clients):
+            ex = conn.current
+            if ex is not None and ex.response_started:
+                conn._abort()  # cut off by the grace: a RST, not a FIN
+            else:
+                conn._close()  # flushes what the Sender batch holds, then a graceful close
+                closing.append(conn)
+        await self._wait_closed(closing, deadline)
         if self.checks is not None:
             await self.checks.stop()
         for t in self.tasks:
@@ -257,6 +275,23 @@ class Balancer:
 
     def report_pair_status(self, status: dict[str, Any]) -> None:
         self.role_detail = status
+
+    async def _wait_closed(self, closing: list[ClientPort], deadline: float) -> None:
+        """Keep the loop running until these client connections have closed, i.e. flushed
+        their write buffers to the kernel (bounded by `deadline`); reset what is left then."""
+        clients = self.ctx.clients
+        while self.loop.time() < deadline and any(c in clients for c in closing):
+            await asyncio.sleep(0.01)
+        left = [c for c in closing if c in clients]
+        if left:
+            unsent = sum(c.unsent() for c in left)
+            log.warning(
+                "shutdown grace over: %d client connection(s) still had %d byte(s) unsent",
+                len(left),
+                unsent,
+            )
+            for conn in left:
+                conn._abort()
 
     # runtime changes -------------------------------------------------------------------
     def set_algorithm(self, algorithm: str) -> None:

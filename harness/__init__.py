@@ -22,7 +22,7 @@ from typing import Any
 
 from harness.backends import BackendProc, RunningBackend, run_backend
 from harness.balancers import BalancerProc, pair_args
-from harness.load import LoadLoop
+from harness.load import LoadLoop, cpu_load
 from harness.procs import (
     HOST,
     REPO,
@@ -48,6 +48,7 @@ __all__ = [
     "RunningBackend",
     "StackError",
     "StartError",
+    "cpu_load",
     "free_port",
     "free_ports",
     "pair_args",

@@ -1,11 +1,16 @@
-"""Closed-loop background load for tests: one client thread, bounded in time and count."""
+"""Background load for tests: a closed-loop client thread bounded in time and count, and
+busy-loop CPU load."""
 
 from __future__ import annotations
 
 import http.client
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from harness.http import IO_TIMEOUT
@@ -84,3 +89,28 @@ class LoadLoop(Generic[T]):
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(self.duration + 2 * IO_TIMEOUT)
+
+
+_BUSY_LOOP = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    pass\n"
+)
+
+
+@contextmanager
+def cpu_load(seconds: float = 120.0, processes: int | None = None) -> Iterator[int]:
+    """Keep the machine busy: one busy-loop process per core (or `processes`) while the block
+    runs, as on a loaded CI machine. Each loop also ends by itself after `seconds`; the block
+    always kills them. Yields how many run."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(processes or os.cpu_count() or 1):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(seconds)]))
+        yield len(procs)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

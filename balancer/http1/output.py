@@ -62,6 +62,12 @@ class Output:
         raise NotImplementedError
 
     def _abort_transport(self) -> None:
+        """Close at once, dropping what is unsent, with a RST: after a FIN a truncated body
+        that ends at the close would look complete."""
+        raise NotImplementedError
+
+    def unsent(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
         raise NotImplementedError
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 
 from balancer.http1.output import Batch
 
@@ -17,6 +19,9 @@ def loop_batch(loop: asyncio.AbstractEventLoop) -> Batch:
 
     batch.wake = wake
     return batch
+
+
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 
 
 class TransportOps:
@@ -44,7 +49,15 @@ class TransportOps:
         self.transport.close()
 
     def _abort_transport(self) -> None:
+        # abort() alone drops the buffer but still ends with a FIN; SO_LINGER 0 makes it a RST
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.transport.abort()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
 
 
 def nodelay(transport: asyncio.BaseTransport) -> None:

@@ -50,6 +50,9 @@ class Recorder:
     def _abort_transport(self) -> None:
         self.calls.append(("abort", None))
 
+    def unsent(self) -> int:
+        return 0
+
     def ops(self) -> list[str]:
         return [op for op, _ in self.calls]
 
