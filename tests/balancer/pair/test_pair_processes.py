@@ -163,10 +163,10 @@ def test_sigterm_active_resigns_and_passive_takes_over(cluster: Cluster) -> None
     print(f"SIGTERM takeover (local mode): {took:.3f} s")
     assert hi.wait(timeout=15) == 0
     assert "role active -> passive (resigned)" in hi.output()
-    assert "peer resigned" in lo.output()
+    assert "peer stepped down" in lo.output()
     state = _state(lo)
     assert state is not None and state["role"] == "active"
-    assert state["role_detail"]["last_transition"]["reason"] == "peer resigned"
+    assert state["role_detail"]["last_transition"]["reason"] == "peer stepped down"
 
 
 def test_sigstop_then_sigcont_leaves_exactly_one_active(cluster: Cluster) -> None:
