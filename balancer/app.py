@@ -418,7 +418,7 @@ class Balancer:
             "algorithms": list(ALGORITHMS),
             "mode": cluster.mode,
             "role": self.role,
-            "role_detail": self.role_detail,
+            "role_detail": self.pair.status() if self.pair is not None else self.role_detail,
             "listener": listener,
             "uptime_s": round(time.time() - self.started_at, 3),
             "now": time.time(),

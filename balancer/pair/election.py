@@ -164,11 +164,16 @@ class ElectionStatus:
         """JSON-ready view for the admin API; times become ages in seconds."""
         peer: dict[str, Any] | None = None
         if self.peer is not None:
+            age = self.now - self.peer.last_seen
+            # silent for longer than master-down: its last advertised role is history
+            reachable = age <= self.master_down_interval
             peer = {
                 "node": self.peer.node,
-                "last_seen_ago_s": round(self.now - self.peer.last_seen, 3),
+                "last_seen_ago_s": round(age, 3),
+                "reachable": reachable,
                 "priority": self.peer.priority,
-                "role": self.peer.role,
+                "role": self.peer.role if reachable else "unreachable",
+                "last_role": self.peer.role,
                 "healthy_backends": self.peer.healthy_backends,
                 "advert_interval_s": self.peer.interval,
             }

@@ -499,3 +499,18 @@ def test_restarted_active_preempts_with_one_transition_on_each_side(
     ], after
     assert not any("resigned" in why for _, _, why in after), after
     assert sim.actives() == ["10.0.0.1"]
+
+
+def test_status_reports_a_silent_peer_unreachable_not_active() -> None:
+    sim = Sim()
+    a = sim.add(cfg("10.0.0.1", 150))
+    b = sim.add(cfg("10.0.0.2", 100))
+    sim.run_until(3.0)
+    peer = b.status(3.0).as_dict()["peer"]
+    assert (peer["role"], peer["reachable"], peer["priority"]) == ("active", True, 150)
+    sim.pause("10.0.0.1")  # killed
+    sim.run_until(3.0 + 18.0)
+    peer = b.status(sim.now).as_dict()["peer"]
+    assert peer["role"] == "unreachable" and peer["reachable"] is False
+    assert peer["last_role"] == "active" and peer["last_seen_ago_s"] >= 18.0
+    assert a.role == "active" and b.role == "active"  # b took over; a is frozen
