@@ -156,6 +156,8 @@ class Balancer:
 
     # life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        for bid in self.cluster.backends:  # start-up shows on the timeline as any later change
+            self.emit(EventKind.ADDED, bid, "configured")
         self.sweeper.start()
         if self.checks is not None:
             self.checks.sync()
