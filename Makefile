@@ -104,7 +104,10 @@ ca-cert:
 
 # prints the balancers' admin token (made by the ca service) to stdout only: never a file
 admin-token:
-	@$(COMPOSE) run --rm -T --no-deps ca cat /certs/admin.token
+	@docker volume inspect $(COMPOSE_PROJECT_NAME)_certs >/dev/null 2>&1 \
+	  || { echo "admin-token: no stack $(COMPOSE_PROJECT_NAME) yet: run make up first" >&2; exit 1; }
+	@$(COMPOSE) run --rm -T --no-deps ca sh -c 'cat /certs/admin.token 2>/dev/null \
+	  || { echo "admin-token: not made yet: run make up (the ca service makes it)" >&2; exit 1; }'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
