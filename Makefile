@@ -12,7 +12,7 @@ BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
 
 .PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
-	base-image image ca-cert clean subnet
+	base-image image ca-cert admin-token clean subnet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -86,6 +86,7 @@ up: subnet image
 	$(COMPOSE) up -d --no-build --scale backend=$(BACKENDS)
 	@echo "service    https://localhost:8443   (make ca-cert, then curl --cacert pki/ca.crt)"
 	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
+	@echo "           reads are open; drain/maint/algorithm need the token: make admin-token"
 	@echo "locust     http://localhost:8089"
 
 # fails at once, before the image build, when LB_SUBNET is held by another network
@@ -100,6 +101,13 @@ ca-cert:
 	mkdir -p pki
 	$(COMPOSE) run --rm -T --no-deps ca cat /certs/ca.crt > pki/ca.crt.tmp && mv pki/ca.crt.tmp pki/ca.crt
 	@echo "wrote pki/ca.crt"
+
+# prints the balancers' admin token (made by the ca service) to stdout only: never a file
+admin-token:
+	@docker volume inspect $(COMPOSE_PROJECT_NAME)_certs >/dev/null 2>&1 \
+	  || { echo "admin-token: no stack $(COMPOSE_PROJECT_NAME) yet: run make up first" >&2; exit 1; }
+	@$(COMPOSE) run --rm -T --no-deps ca sh -c 'cat /certs/admin.token 2>/dev/null \
+	  || { echo "admin-token: not made yet: run make up (the ca service makes it)" >&2; exit 1; }'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

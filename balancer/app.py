@@ -157,6 +157,8 @@ class Balancer:
 
     # life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        for bid in self.cluster.backends:  # start-up shows on the timeline as any later change
+            self.emit(EventKind.ADDED, bid, "configured")
         self.sweeper.start()
         if self.checks is not None:
             self.checks.sync()
@@ -453,7 +455,7 @@ class Balancer:
             "algorithms": list(ALGORITHMS),
             "mode": cluster.mode,
             "role": self.role,
-            "role_detail": self.role_detail,
+            "role_detail": self.pair.status() if self.pair is not None else self.role_detail,
             "listener": listener,
             "uptime_s": round(time.time() - self.started_at, 3),
             "now": time.time(),

@@ -7,7 +7,7 @@ set -eu
 # compose starts us after `ca` succeeded; the bounded wait covers runs without compose
 # (docker run, restarts racing a re-run of ca).
 wait_s="${CERT_WAIT_SECONDS:-120}"
-for f in /certs/balancer.crt /certs/balancer.key /certs/pair.secret; do
+for f in /certs/balancer.crt /certs/balancer.key /certs/pair.secret /certs/admin.token; do
     while [ ! -s "$f" ]; do
         if [ "$wait_s" -le 0 ]; then
             echo "balancer: $f missing (is the ca service done? see: docker-compose logs ca)" >&2
@@ -24,7 +24,7 @@ exec python -m balancer \
     --listen 0.0.0.0:443 \
     --tls-cert /certs/balancer.crt --tls-key /certs/balancer.key \
     --discover "${LB_DISCOVER:-backend:8080}" \
-    --admin 0.0.0.0:9000 \
+    --admin 0.0.0.0:9000 --admin-token-file /certs/admin.token \
     --bind-election 0.0.0.0:7946 --peer "$LB_PEER" --priority "$LB_PRIORITY" \
     --vip "${LB_VIP:-172.28.0.100}/${LB_VIP_PREFIX:-24}" --vip-interface eth0 \
     --secret-file /certs/pair.secret \

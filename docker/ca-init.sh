@@ -17,9 +17,12 @@ python -m ca issue --dir "$PKI" --name balancer --force \
 python -m ca issue --dir "$PKI" --name backend --force \
     --dns backend --dns localhost --ip 127.0.0.1
 
-# Pair secret for balancer heartbeats: created once, kept with the CA.
-[ -f "$PKI/pair.secret" ] ||
-    (umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' >"$PKI/pair.secret")
+# Pair secret for balancer heartbeats and the admin API token: created once, kept with the
+# CA. Neither is ever printed here (`make admin-token` shows the token on request).
+for secret in pair.secret admin.token; do
+    [ -f "$PKI/$secret" ] ||
+        (umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' >"$PKI/$secret")
+done
 
 # publish NAME MODE OWNER: copy then rename, so readers never see half a file.
 publish() {
@@ -32,6 +35,7 @@ publish ca.crt 0644 0:0
 publish balancer.crt 0644 0:0
 publish balancer.key 0600 0:0 # balancers run as root (for NET_ADMIN)
 publish pair.secret 0600 0:0
+publish admin.token 0600 0:0 # mutations on the balancers' admin API need it
 publish backend.crt 0644 0:0
 publish backend.key 0600 "$LB_UID:$LB_UID"
 echo "ca: published $(ls "$OUT" | tr '\n' ' ')to $OUT"

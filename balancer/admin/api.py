@@ -1,6 +1,7 @@
 """The admin listener (aiohttp): JSON API, live dashboard, Server-Sent Events and /metrics.
 
-Reads are open. Mutations (drain/enable/maint, weight, algorithm, reload) need one of:
+Reads are open (/api/state, /api/events, /api/history, /metrics). Mutations
+(drain/enable/maint, weight, algorithm, reload) need one of:
 - `Authorization: Bearer <token>` matching the contents of `admin.token_file`;
 - a client certificate verified against `admin.client_ca` (admin listener over TLS);
 - when neither a token file nor a client CA is configured: a loopback client.
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
+from balancer.admin.history import History, Sample
 from balancer.admin.metrics import MetricsSource, make_registry, render
 from balancer.config import ALGORITHMS, Config, ReloadResult, split_hostport
 from balancer.events import Event
@@ -216,6 +219,7 @@ class AdminServer:
         self.url = ""
         self.clients: set[SSEClient] = set()
         self.ticker: asyncio.Task[None] | None = None
+        self.history = History()
         self.ssl_context = self._ssl_context()
 
     # life cycle ---------------------------------------------------------------------
@@ -249,6 +253,7 @@ class AdminServer:
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/state", self.state)
         r.add_get("/api/events", self.events)
+        r.add_get("/api/history", self.history_view)
         r.add_post("/api/backends/{id}/{action:drain|enable|maint}", self.backend_action)
         r.add_put("/api/backends/{id}/weight", self.backend_weight)
         r.add_put("/api/algorithm", self.algorithm)
@@ -362,6 +367,12 @@ class AdminServer:
     async def state(self, request: web.Request) -> web.Response:
         return web.Response(text=_json(self.snapshot()), content_type="application/json")
 
+    async def history_view(self, request: web.Request) -> web.Response:
+        """The last 10 minutes of the charts' series: a new page starts with them."""
+        # ends with now, so the page joins the live stream seamlessly
+        body = _json(self.history.as_dict(now=self._counters()), compact=True)
+        return web.Response(text=body, content_type="application/json")
+
     async def backend_action(self, request: web.Request) -> web.Response:
         self._authorize(request)
         bid = self._backend_id(request)
@@ -405,8 +416,17 @@ class AdminServer:
         for client in list(self.clients):
             client.offer("event", data)
 
+    def _counters(self) -> Sample:
+        backends = self.balancer.cluster.backends
+        return Sample(time.time(), {bid: b.requests for bid, b in backends.items()})
+
+    def record_history(self) -> None:
+        sample = self._counters()
+        self.history.record(sample.t, sample.requests)
+
     async def _tick(self) -> None:
         while True:
+            self.record_history()  # kept with or without a page open
             await asyncio.sleep(STATE_INTERVAL)
             if not self.clients:
                 continue

@@ -116,6 +116,7 @@ class ActiveChecks:
             )
             now = loop.time()
             backend.check_duration = now - started
+            first = backend.last_check is None
             backend.last_check = ok
             backend.check_detail = detail
             if ok:
@@ -137,3 +138,7 @@ class ActiveChecks:
                 )
                 if not checker.up and self.on_down is not None:
                     self.on_down(backend)
+            elif first and ok and checker.up:
+                # a backend starts up; its first passing check is no transition, but a page
+                # opened at start-up should see the checks pass
+                self.emit(EventKind.UP, backend.id, f"first check passed ({detail})")

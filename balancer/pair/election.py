@@ -19,10 +19,16 @@ Rules this machine keeps:
 6. Preempt (default on) compares priorities only, strictly, as keepalived does: a passive
    takes over from a peer of lower priority; an active hands over to a passive peer of higher
    priority. Equal priorities never preempt; the address breaks ties only between two actives.
-7. Priority 0 in an advert means "resign": the passive takes over *at once*, not after skew as
-   keepalived does; with only two nodes there is no other passive to race, so waiting buys
-   nothing and a clean stop fails over in about one one-way network delay. A voluntary handover
-   (rule 6, active side) also sends a priority-0 advert, so it works even if the peer is slow.
+   An active never hands over to a passive that reports no healthy backends while it has
+   some: a just-restarted peer knows none until its tracking is fed (and discovery has run),
+   and handing it the role would bounce it back and forth (rule 8 on its side, then
+   preemption once its backends appear): four role changes for one restart.
+7. Priority 0 in an advert means "stepping down" (a resign or a handover; the wire does not
+   say which, so the reason logged is "peer stepped down"): the passive takes over *at once*,
+   not after skew as keepalived does; with only two nodes there is no other passive to race,
+   so waiting buys nothing and a clean stop fails over in about one one-way network delay.
+   A voluntary handover (rule 6, active side) also sends a priority-0 advert, so it works
+   even if the peer is slow.
 8. Tracking lowers the effective priority (floor 1; 0 stays reserved for resign): a failing
    listener, or no usable backend while the peer reports some, each cost ``track_penalty``.
    The penalty depends on the peer's health, never on its role, so it cannot flap.
@@ -158,11 +164,16 @@ class ElectionStatus:
         """JSON-ready view for the admin API; times become ages in seconds."""
         peer: dict[str, Any] | None = None
         if self.peer is not None:
+            age = self.now - self.peer.last_seen
+            # silent for longer than master-down: its last advertised role is history
+            reachable = age <= self.master_down_interval
             peer = {
                 "node": self.peer.node,
-                "last_seen_ago_s": round(self.now - self.peer.last_seen, 3),
+                "last_seen_ago_s": round(age, 3),
+                "reachable": reachable,
                 "priority": self.peer.priority,
-                "role": self.peer.role,
+                "role": self.peer.role if reachable else "unreachable",
+                "last_role": self.peer.role,
                 "healthy_backends": self.peer.healthy_backends,
                 "advert_interval_s": self.peer.interval,
             }
@@ -293,7 +304,7 @@ class Election:
         actions = self._retrack(now)
         if advert.priority == RESIGN_PRIORITY:
             if self.role == "passive":
-                actions.extend(self._become_active("peer resigned", now))
+                actions.extend(self._become_active("peer stepped down", now))
             else:
                 actions.append(self._advert_now(now))  # tell the peer who is active
             return actions
@@ -307,6 +318,7 @@ class Election:
         self.now = now
         if listener_ok is not None:
             self.listener_ok = listener_ok
+        had_backends = self.healthy_backends > 0
         if healthy_backends is not None:
             if healthy_backends < 0:
                 raise ValueError("healthy_backends must be >= 0")
@@ -315,9 +327,15 @@ class Election:
             self._effective = self._tracked_priority()
             return []
         actions = self._retrack(now)
+        if not actions and had_backends != (self.healthy_backends > 0):
+            # the peer's handover rule (6) depends on whether we have any: tell it at once
+            actions.append(self._advert_now(now))
         if actions and self._peer_fresh(now):
             assert self.peer is not None
-            actions.extend(self._preempt_rules(self.peer.role, self.peer.priority, now))
+            peer = self.peer
+            actions.extend(
+                self._preempt_rules(peer.role, peer.priority, peer.healthy_backends, now)
+            )
         return actions
 
     def resign(self, now: float) -> list[Action]:
@@ -369,15 +387,23 @@ class Election:
             return [self._advert_now(now)]  # answer at once so the peer yields quickly
         if self.role == "passive" and advert.role == "active":
             self._master_down_at = now + self.master_down_interval()
-        return self._preempt_rules(advert.role, advert.priority, now)
+        return self._preempt_rules(advert.role, advert.priority, advert.healthy_backends, now)
 
-    def _preempt_rules(self, peer_role: Role, peer_priority: int, now: float) -> list[Action]:
+    def _preempt_rules(
+        self, peer_role: Role, peer_priority: int, peer_backends: int, now: float
+    ) -> list[Action]:
         if not self.config.preempt:
             return []
         mine = self._effective
         if self.role == "passive" and peer_priority < mine:
             return self._become_active(f"preempt: peer priority {peer_priority} < ours {mine}", now)
-        if self.role == "active" and peer_role == "passive" and peer_priority > mine:
+        peer_can_serve = peer_backends > 0 or self.healthy_backends == 0
+        if (
+            self.role == "active"
+            and peer_role == "passive"
+            and peer_priority > mine
+            and peer_can_serve
+        ):
             reason = f"handover: peer priority {peer_priority} > ours {mine}"
             actions = self._become_passive(reason, now)
             actions.append(SendAdvert(self._advert(priority=RESIGN_PRIORITY)))

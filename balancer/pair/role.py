@@ -178,6 +178,10 @@ class PairRole:
         self._publish()
 
     def _publish(self) -> None:
+        self.host.report_pair_status(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """The pair's status now (peer ages computed at this moment, not at the last publish)."""
         status: dict[str, Any] = self.driver.status()
         status["transitions"] = self.transitions
         status["mode"] = "vip" if self.vip is not None else "local"
@@ -186,4 +190,4 @@ class PairRole:
         if self.listen_error:
             status["listen_error"] = self.listen_error
         status["updated"] = time.time()
-        self.host.report_pair_status(status)
+        return status

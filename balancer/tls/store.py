@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class LoadedCert:
     ips: frozenset[IPAddr]
     serial: int
     not_after: datetime
+    issuer: str = ""  # RFC 4514 string of the issuer's name
+    sha256: str = ""  # fingerprint of the DER certificate, colon-separated hex
 
 
 # ---------------------------------------------------------------- pure SNI matching
@@ -168,7 +171,11 @@ def _load_pair(
     not_after = leaf.not_valid_after_utc
     if not_after < datetime.now(UTC):
         log.warning("TLS certificate %s expired at %s", cert_file, not_after.isoformat())
-    return LoadedCert(cert_file, key_file, ctx, dns, ips, leaf.serial_number, not_after)
+    fingerprint = leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+    issuer = leaf.issuer.rfc4514_string()
+    return LoadedCert(
+        cert_file, key_file, ctx, dns, ips, leaf.serial_number, not_after, issuer, fingerprint
+    )
 
 
 def _stamp(path: Path) -> FileStamp:
@@ -276,6 +283,8 @@ class CertStore:
                 "serial": f"{c.serial:x}",
                 "not_after": c.not_after.isoformat(),
                 "expired": c.not_after < now,
+                "issuer": c.issuer,
+                "sha256": c.sha256,
             }
             for i, c in enumerate(self._certs)
         ]

@@ -139,6 +139,52 @@ def test_exactly_one_balancer_is_active(stack: Stack) -> None:
     assert {b["state"] for b in state["backends"]} == {"up"}
 
 
+# ---- the admin API: reads open, mutations need the ca service's token ----------------------
+
+
+def admin_call(url: str, method: str, token: str | None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    req = urllib.request.Request(url, method=method, headers=headers, data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_admin_mutations_need_the_token_from_make_admin_token(stack: Stack) -> None:
+    p = subprocess.run(
+        ["make", "-s", "admin-token"],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    token = p.stdout.strip()
+    assert len(token) == 64 and token.isalnum(), "make admin-token printed more than a token"
+    active = next(n for n, role in roles().items() if role == "active")
+    url = ADMINS[active]
+    victim = get_json(url + "/api/state")["backends"][0]["id"]
+    drain = f"{url}/api/backends/{urllib.parse.quote(victim, safe='')}/drain"
+    # from the host, without the token: refused (401), nothing changes; reads stay open
+    status, body = admin_call(drain, "POST", None)
+    assert (status, body) == (401, {"error": "missing bearer token"})
+    status, _ = admin_call(drain, "POST", "0" * 64)
+    assert status == 401
+    state = get_json(url + "/api/state")
+    assert {b["admin_state"] for b in state["backends"]} == {"enabled"}
+    # with it: applied; enable again so the next tests find every backend up
+    status, body = admin_call(drain, "POST", token)
+    assert (status, body["admin_state"]) == (200, "draining")
+    enable = drain.removesuffix("/drain") + "/enable"
+    status, body = admin_call(enable, "POST", token)
+    assert (status, body["admin_state"]) == (200, "enabled")
+    wait_for("every backend up again", all_backends_up, 30)
+
+
 # ---- Locust -------------------------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 
 const COLORS = ["#2d6cdf", "#1f9d55", "#e8833a", "#7b5cc4", "#d64545", "#17a2b8",
   "#b8a14a", "#e05fa8", "#5b6b82", "#8bc34a"];
-const CHART_SECONDS = 120;
+const HISTORY_SECONDS = 600;  // what the balancer keeps (/api/history)
+const CERT_WARN_DAYS = 14;
+let chartSeconds = 120;        // the chart's window: 2 or 10 minutes
 const LATENCY_WINDOW = 10;
 const SMOOTH = 3;  // chart steps averaged per point
 // Every kind the balancer emits (balancer/events.py EventKind), and its colour; "" is plain.
@@ -19,6 +21,7 @@ const colorOf = {};
 let state = null;
 let samples = [];          // [{t, reqs: {id: n}, buckets: {id: [...]}}], newest last
 let share = [];            // [{t, parts: {id: requests in that step}}] for the chart
+let shareBase = null;      // {t, reqs}: the counters the next chart step starts from
 let events = [];           // newest first, as in the state
 let algorithmsFilled = false;
 
@@ -95,19 +98,39 @@ function percentile(id, q) {
   return 1000 * lower;
 }
 
+function addShare(t, reqs) {
+  // one chart step from the previous counters to these; a step back in time is ignored
+  if (shareBase && t > shareBase.t) {
+    const parts = {};
+    for (const id in reqs) parts[id] = Math.max(0, reqs[id] - (shareBase.reqs[id] || 0));
+    share.push({ t, parts });
+    while (share.length && t - share[0].t > HISTORY_SECONDS) share.shift();
+  }
+  if (!shareBase || t > shareBase.t) shareBase = { t, reqs };
+}
+
 function record(s) {
   const reqs = {}, buckets = {};
   for (const b of s.backends) { reqs[b.id] = b.requests; buckets[b.id] = b.latency_buckets; }
-  const prev = samples[samples.length - 1];
   samples.push({ t: s.now, reqs, buckets });
   while (samples.length > 2 && samples[samples.length - 1].t - samples[1].t > LATENCY_WINDOW + 2) {
     samples.shift();
   }
-  if (prev) {
-    const parts = {};
-    for (const id in reqs) parts[id] = Math.max(0, reqs[id] - (prev.reqs[id] || 0));
-    share.push({ t: s.now, parts });
-    while (share.length && s.now - share[0].t > CHART_SECONDS) share.shift();
+  addShare(s.now, reqs);
+}
+
+async function loadHistory() {
+  // the balancer's last 10 minutes, so a new page does not start with an empty chart
+  try {
+    const r = await fetch("/api/history");
+    if (!r.ok) return;
+    const h = await r.json();
+    for (const p of h.samples || []) addShare(p.t, p.requests);
+    const served = share.reduce((n, p) => n + Object.values(p.parts).reduce((a, b) => a + b, 0), 0);
+    $("chart").dataset.historySteps = String(share.length);
+    $("chart").dataset.historyRequests = String(served);
+  } catch (err) {
+    console.warn("history unavailable:", err);
   }
 }
 
@@ -213,7 +236,7 @@ function renderChart(s) {
   g.clearRect(0, 0, w, h);
   const left = 36, right = 8, top = 8, bottom = 20;
   const pw = w - left - right, ph = h - top - bottom;
-  const x = (t) => left + pw * (1 - (s.now - t) / CHART_SECONDS);
+  const x = (t) => left + pw * (1 - (s.now - t) / chartSeconds);
   const y = (f) => top + ph * (1 - f);
   g.font = "11px system-ui, sans-serif";
   g.fillStyle = "#6b7585";
@@ -224,14 +247,17 @@ function renderChart(s) {
     g.textAlign = "right"; g.fillText(`${f * 100}%`, left - 4, y(f) + 4);
   }
   g.textAlign = "center";
-  for (const ago of [120, 90, 60, 30, 0]) {
-    g.fillText(ago ? `-${ago}s` : "now", Math.min(x(s.now - ago), left + pw - 10), h - 4);
+  for (const f of [1, 0.75, 0.5, 0.25, 0]) {
+    const ago = chartSeconds * f;
+    const label = ago >= 120 && ago % 60 === 0 ? `-${ago / 60}m` : `-${ago}s`;
+    g.fillText(ago ? label : "now", Math.min(x(s.now - ago), left + pw - 10), h - 4);
   }
   const ids = s.backends.map((b) => b.id);
   // shares smoothed over a few steps, as runs of points with traffic (gaps stay empty)
   const runs = [];
   let run = null;
-  for (let i = 0; i < share.length; i++) {
+  const first = share.findIndex((p) => s.now - p.t <= chartSeconds + 1);
+  for (let i = Math.max(0, first); first >= 0 && i < share.length; i++) {
     const sums = {};
     let total = 0;
     for (let j = Math.max(0, i - SMOOTH + 1); j <= i; j++) {
@@ -280,6 +306,73 @@ function renderChart(s) {
   }));
 }
 
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  return seconds < 10 ? `${seconds.toFixed(1)} s ago` : `${duration(seconds)} ago`;
+}
+
+function kv(rows) {
+  return rows.map(([k, v, cls, testid]) => el("div", { class: "kv" },
+    el("span", { class: "k", text: k }),
+    el("span", { class: "v" + (cls ? " " + cls : ""), text: v,
+      "data-testid": testid || "pair-" + k.replace(/ /g, "-") })));
+}
+
+function renderPair(s) {
+  const d = s.role_detail || {};
+  const box = $("pair");
+  if (s.role === "standalone" || !d.node) {
+    box.replaceChildren(el("div", { class: "empty", text: "standalone: no pair configured" }));
+    return;
+  }
+  const peer = d.peer;
+  const self = el("div", { class: "pairside", "data-testid": "pair-self" },
+    el("h3", { text: "this balancer" }),
+    ...kv([
+      ["address", d.node, "mono", "pair-self-address"],
+      ["role", s.role, "role-text " + s.role, "pair-self-role"],
+      ["priority", d.effective_priority === d.priority ? String(d.priority) :
+        `${d.effective_priority} (configured ${d.priority})`, "", "pair-self-priority"],
+      ["last change", d.last_transition ?
+        `${d.last_transition.to} ${ago(d.last_transition.ago_s)}: ${d.last_transition.reason}` :
+        "none", "", "pair-self-change"],
+    ]));
+  const peerRole = !peer ? "never heard" : peer.role;
+  const other = el("div", { class: "pairside" + (peer && !peer.reachable ? " down" : ""),
+    "data-testid": "pair-peer" },
+    el("h3", { text: "peer" }),
+    ...kv([
+      ["address", peer ? peer.node : (d.peer_address || "–"), "mono", "pair-peer-address"],
+      ["role", peerRole, "role-text " + peerRole.replace(/ /g, "-"), "pair-peer-role"],
+      ["priority", peer ? String(peer.priority) : "–", "", "pair-peer-priority"],
+      ["last advert", peer ? ago(peer.last_seen_ago_s) : "none received",
+        peer && !peer.reachable ? "crit" : "", "pair-peer-advert"],
+      ["backends up", peer ? String(peer.healthy_backends) : "–", "", "pair-peer-backends"],
+    ]));
+  box.replaceChildren(self, other);
+}
+
+function renderCerts(s) {
+  const certs = s.certificates || [];
+  const rows = certs.map((c) => {
+    const left = (Date.parse(c.not_after) - s.now * 1000) / 86400000;
+    const status = left < 0 ? "expired" : left < CERT_WARN_DAYS ? "expires soon" : "valid";
+    const cls = left < 0 ? "crit" : left < CERT_WARN_DAYS ? "soon" : "";
+    const days = left < 0 ? `expired ${Math.ceil(-left)} d ago` : `${Math.floor(left)} d left`;
+    return el("tr", { "data-testid": "cert-row", "data-status": status },
+      el("td", { class: "mono" }, c.names.join(", "),
+        c.default ? el("span", { class: "tag", text: "default" }) : null),
+      el("td", { text: c.issuer || "–", "data-testid": "cert-issuer" }),
+      el("td", { class: cls, "data-testid": "cert-expiry" },
+        new Date(c.not_after).toISOString().slice(0, 10) + " · " + days),
+      el("td", { class: "mono fp", text: c.sha256 || "–", title: "SHA-256 " + (c.sha256 || ""),
+        "data-testid": "cert-fingerprint" }));
+  });
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "4", class: "empty",
+    text: s.listener && s.listener.tls ? "no certificate loaded" : "plain HTTP: no TLS" })));
+  $("certs").tBodies[0].replaceChildren(...rows);
+}
+
 function eventClass(e) {
   if (e.kind === "pool-mode") return /normal$/.test(e.detail) ? "good" : "bad";
   return EVENT_CLASS[e.kind] || "";
@@ -305,6 +398,8 @@ function render(s) {
   renderCards(s);
   renderBackends(s);
   renderChart(s);
+  renderPair(s);
+  renderCerts(s);
 }
 
 // ---- mutations ---------------------------------------------------------------------------
@@ -366,6 +461,12 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!ok && state) sel.value = state.algorithm;
     sel.blur();
   });
+  const win = $("window");
+  win.addEventListener("change", () => {
+    chartSeconds = Number(win.value);
+    $("chart").dataset.window = win.value;
+    if (state) renderChart(state);
+  });
   window.addEventListener("resize", () => { if (state) renderChart(state); });
-  connect();
+  loadHistory().then(connect);
 });

@@ -556,3 +556,38 @@ async def test_sse_client_is_dropped_when_its_queue_is_full() -> None:
     assert client.queue.get_nowait() is None  # the handler sees the end marker next
     client.offer("state", "ignored")
     assert client.queue.empty()
+
+
+async def test_history_is_open_and_ends_with_the_counters_now(
+    balancer: Balancer, backends: list[RunningBackend], session: aiohttp.ClientSession
+) -> None:
+    await send(session, balancer, 6)
+    status, history = await api(session, balancer, "GET", "/api/history", headers={})
+    assert status == 200
+    assert (history["window_s"], history["step_s"]) == (600.0, 1.0)
+    last = history["samples"][-1]
+    assert last["requests"] == {bid(b): 2 for b in backends}
+    times = [s["t"] for s in history["samples"]]
+    assert times == sorted(set(times))
+
+
+async def test_start_up_shows_backends_found_and_checks_passing(
+    start_balancer: Callable[..., Awaitable[Balancer]],
+    backends: list[RunningBackend],
+    session: aiohttp.ClientSession,
+) -> None:
+    bal = await start_balancer(
+        [_spec(b) for b in backends],
+        admin=AdminSettings(listen="127.0.0.1:0"),
+        health_check={"enabled": True, "interval": 0.1, "fast_interval": 0.1},
+    )
+    ids = {bid(b) for b in backends}
+    for _ in range(100):  # bounded: until every backend has had its first check
+        if all(b.last_check is not None for b in bal.cluster.backends.values()):
+            break
+        await asyncio.sleep(0.05)
+    status, state = await api(session, bal, "GET", "/api/state", headers={})
+    assert status == 200
+    seen = {(e["kind"], e["backend"], e["detail"]) for e in state["events"]}
+    assert {("added", i, "configured") for i in ids} <= seen
+    assert {("up", i, "first check passed (HTTP 200)") for i in ids} <= seen

@@ -7,15 +7,18 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import REPO, BackendProc, Harness, LoadLoop
+from harness import REPO, BackendProc, Harness, LoadLoop, LocalStack
 from harness.http import request
+from harness.stack import PRIORITIES
 
 # a missing selenium is a skip, like a missing browser, not a collection error
 pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[dev]')")
@@ -117,6 +120,12 @@ def test_dashboard_shows_a_killed_backend_going_down(
         return kinds
 
     WebDriverWait(driver, 10, 0.1).until(lambda d: states() == dict.fromkeys(ids, "up"))
+    # start-up is on the timeline: backends found, checks passing
+    WebDriverWait(driver, 10, 0.1).until(
+        lambda d: all({"added", "up"} <= set(timeline_kinds(i)) for i in ids)
+    )
+    assert "standalone" in driver.find_element(By.ID, "pair").text
+    assert "plain HTTP" in driver.find_element(By.ID, "certs").text
     assert driver.find_element(By.ID, "role").text.lower() == "standalone"
     assert driver.find_element(By.ID, "algorithm").get_attribute("value") == "round-robin"
     # a few seconds of traffic so the chart and the rates have history
@@ -154,5 +163,104 @@ def test_dashboard_shows_a_killed_backend_going_down(
     WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > seen + 100)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_pair_and_certificate_panels_and_history_across_a_page_load(
+    tmp_path: Path, driver: object
+) -> None:
+    """A TLS pair: b's page shows a as its active peer, then "unreachable" once a is killed;
+    the certificate is shown with issuer and fingerprint; a reload starts with history."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert isinstance(driver, WebDriver)
+    stack = LocalStack.ephemeral(
+        pair=True, tls=True, pki_dir=tmp_path / "pki", workdir=tmp_path / "run", check_interval=0.3
+    )
+    with stack:
+        assert stack.ca_file is not None
+        ctx = ssl.create_default_context(cafile=stack.ca_file)
+
+        def one() -> tuple[int, None]:
+            time.sleep(0.01)
+            return request(stack.host, stack.service_port, "/", ctx=ctx, timeout=2.0).status, None
+
+        with LoadLoop(one, duration=120.0) as traffic:
+            # history survives a page load: a new page of the active starts with its traffic
+            driver.get(stack.admin_urls["a"] + "/")
+            WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.ok > 200)
+            driver.refresh()
+
+            def history(key: str) -> int:
+                value = driver.execute_script(
+                    "return document.getElementById('chart').dataset[arguments[0]]", key
+                )
+                return int(value or 0)
+
+            WebDriverWait(driver, 10, 0.1).until(lambda d: history("historySteps") >= 2)
+            assert history("historyRequests") > 100  # served before this page existed
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            assert driver.save_screenshot(str(ARTIFACTS / "dashboard-history.png"))
+
+            driver.get(stack.admin_urls["b"] + "/")
+
+            def pair() -> dict[str, str]:
+                texts: dict[str, str] = driver.execute_script(
+                    "return Object.fromEntries(Array.from(document.querySelectorAll("
+                    "'#pair [data-testid^=pair-]')).map(e => [e.dataset.testid, e.textContent]))"
+                )
+                return texts
+
+            WebDriverWait(driver, 10, 0.1).until(lambda d: pair().get("pair-peer-role") == "active")
+            seen = pair()
+            assert seen["pair-self-role"] == "passive"
+            assert seen["pair-self-priority"] == str(PRIORITIES[1])
+            assert seen["pair-peer-priority"] == str(PRIORITIES[0])
+            assert seen["pair-peer-address"] == f"{stack.host}:{stack.election_ports[0]}"
+            assert seen["pair-peer-advert"].endswith("s ago")
+
+            leaf = x509.load_pem_x509_certificate((tmp_path / "pki" / "localhost.crt").read_bytes())
+            cert: dict[str, str] = driver.execute_script(
+                "const r = document.querySelector('#certs tr[data-testid=cert-row]');"
+                "return r && {status: r.dataset.status, text: r.cells[0].textContent,"
+                " issuer: r.querySelector('[data-testid=cert-issuer]').textContent,"
+                " fp: r.querySelector('[data-testid=cert-fingerprint]').textContent};"
+            )
+            assert cert["status"] == "valid" and "localhost" in cert["text"]
+            assert cert["issuer"] == leaf.issuer.rfc4514_string()
+            assert cert["fp"] == leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+            # the expiry warning, on data of our own (one script: the page re-renders each second)
+            statuses: list[str] = driver.execute_script(
+                "const day = 86400000, now = Date.now();"
+                "const c = (d) => ({names: ['x.test'], issuer: 'CN=t', sha256: 'AA',"
+                " not_after: new Date(now + d * day).toISOString()});"
+                "renderCerts({now: now / 1000, listener: {tls: true},"
+                " certificates: [c(30), c(13), c(-1)]});"
+                "return Array.from(document.querySelectorAll('#certs tr[data-testid=cert-row]'))"
+                ".map(r => r.dataset.status);"
+            )
+            assert statuses == ["valid", "expires soon", "expired"]
+
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            assert driver.save_screenshot(str(ARTIFACTS / "dashboard-pair.png"))
+
+            stack.kill_balancer("a")
+            WebDriverWait(driver, 15, 0.1).until(
+                lambda d: pair().get("pair-peer-role") == "unreachable"
+            )
+            WebDriverWait(driver, 10, 0.1).until(lambda d: pair()["pair-self-role"] == "active")
+            seen = pair()
+            assert seen["pair-peer-priority"] == str(PRIORITIES[0])  # last known, kept
+            driver.execute_script(
+                "const w = document.getElementById('window'); w.value = '600';"
+                "w.dispatchEvent(new Event('change'));"
+            )
+            time_marker = traffic.sent
+            WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > time_marker + 50)
+            assert driver.save_screenshot(str(ARTIFACTS / "dashboard-pair-unreachable.png"))
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []

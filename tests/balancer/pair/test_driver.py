@@ -216,8 +216,8 @@ async def test_resign_on_stop_hands_over_at_once(pair: tuple[Node, Node]) -> Non
     await asyncio.gather(a.driver.stop(resign=True), a.driver.stop(resign=True))  # idempotent
     assert (await a.wait_role("passive")) == "resigned"
     assert a.driver.codec.counters["sent"] >= 3  # the resign copies
-    # "peer resigned" (not "master down") shows it was the priority-0 advert, not the timer.
-    assert (await b.wait_role("active")) == "peer resigned"
+    # "peer stepped down" (not "master down") shows it was the priority-0 advert, not the timer.
+    assert (await b.wait_role("active")) == "peer stepped down"
     assert b.driver.status()["role"] == "active"
 
 

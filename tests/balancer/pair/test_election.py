@@ -252,7 +252,7 @@ def test_preempt_higher_priority_takes_over_on_first_advert() -> None:
     # The newcomer's start-up advert reaches the active, which hands over with a priority-0
     # advert: one round trip, no master-down wait.
     t, role, why = sim.transitions("10.0.0.1")[-1]
-    assert (role, why) == ("active", "peer resigned")
+    assert (role, why) == ("active", "peer stepped down")
     assert t == pytest.approx(2.0 + 2 * LATENCY)
     _, role, why = sim.transitions("10.0.0.2")[-1]
     assert role == "passive" and why.startswith("handover: peer priority 200 > ours 100")
@@ -303,7 +303,7 @@ def test_resign_hands_over_at_once() -> None:
     sim.run_until(10.0)
     assert sim.actives() == ["10.0.0.2"]
     t, role, why = sim.transitions("10.0.0.2")[-1]
-    assert (role, why) == ("active", "peer resigned")
+    assert (role, why) == ("active", "peer stepped down")
     assert t == pytest.approx(3.0 + LATENCY)
     assert a.next_deadline() == math.inf  # a resigned node stays out for good
 
@@ -462,3 +462,55 @@ def test_any_fault_sequence_ends_with_exactly_one_active(
         sim.resume(node)
     sim.run_until(sim.now + 3 * master_down(1))
     assert len(sim.actives()) == 1
+
+
+@pytest.mark.parametrize("first_tracking", [0.0, 0.05, 0.2, 1.0])
+def test_restarted_active_preempts_with_one_transition_on_each_side(
+    first_tracking: float,
+) -> None:
+    """A killed active restarts and preempts: one role change on each side, none invented.
+
+    The restarted node knows no backends until its tracking is first fed (the driver's
+    tracker runs an interval after start; discovery may take longer), so it first advertises
+    0 healthy backends while the peer serves with 3."""
+    sim = Sim()
+    a = sim.add(cfg("10.0.0.1", 150))
+    b = sim.add(cfg("10.0.0.2", 100))
+    sim.apply("10.0.0.1", a.set_tracking(0.0, healthy_backends=3))
+    sim.apply("10.0.0.2", b.set_tracking(0.0, healthy_backends=3))
+    sim.run_until(3.0)
+    assert sim.actives() == ["10.0.0.1"]
+
+    sim.pause("10.0.0.1")  # SIGKILL: silent, adverts to it dropped
+    sim.run_until(6.0)
+    assert b.role == "active"
+    restart = sim.now
+    sim.resume("10.0.0.1")
+    a2 = sim.add(cfg("10.0.0.1", 150))  # a new process: a fresh Election
+    sim.run_until(restart + first_tracking)
+    sim.apply("10.0.0.1", a2.set_tracking(sim.now, healthy_backends=3))
+    sim.run_until(restart + 5.0)
+
+    after = [(n, role, why) for t, n, role, why in sim.history if t >= restart]
+    changes = [(n, role) for n, role, why in after if why != "startup"]
+    assert changes == [("10.0.0.2", "passive"), ("10.0.0.1", "active")] or changes == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "passive"),
+    ], after
+    assert not any("resigned" in why for _, _, why in after), after
+    assert sim.actives() == ["10.0.0.1"]
+
+
+def test_status_reports_a_silent_peer_unreachable_not_active() -> None:
+    sim = Sim()
+    a = sim.add(cfg("10.0.0.1", 150))
+    b = sim.add(cfg("10.0.0.2", 100))
+    sim.run_until(3.0)
+    peer = b.status(3.0).as_dict()["peer"]
+    assert (peer["role"], peer["reachable"], peer["priority"]) == ("active", True, 150)
+    sim.pause("10.0.0.1")  # killed
+    sim.run_until(3.0 + 18.0)
+    peer = b.status(sim.now).as_dict()["peer"]
+    assert peer["role"] == "unreachable" and peer["reachable"] is False
+    assert peer["last_role"] == "active" and peer["last_seen_ago_s"] >= 18.0
+    assert a.role == "active" and b.role == "active"  # b took over; a is frozen

@@ -163,10 +163,10 @@ def test_sigterm_active_resigns_and_passive_takes_over(cluster: Cluster) -> None
     print(f"SIGTERM takeover (local mode): {took:.3f} s")
     assert hi.wait(timeout=15) == 0
     assert "role active -> passive (resigned)" in hi.output()
-    assert "peer resigned" in lo.output()
+    assert "peer stepped down" in lo.output()
     state = _state(lo)
     assert state is not None and state["role"] == "active"
-    assert state["role_detail"]["last_transition"]["reason"] == "peer resigned"
+    assert state["role_detail"]["last_transition"]["reason"] == "peer stepped down"
 
 
 def test_sigstop_then_sigcont_leaves_exactly_one_active(cluster: Cluster) -> None:
@@ -209,6 +209,34 @@ def test_preempt_restarted_higher_priority_takes_back(cluster: Cluster) -> None:
     assert wait_for(lambda: served_by(cluster.service) == "hi", TAKEOVER_BOUND_S), hi2.output()
     assert wait_for(lambda: lo.role() == "passive", TAKEOVER_BOUND_S), lo.output()
     assert hi2.role() == "active"
+
+
+def test_killed_active_restarts_and_preempts_with_one_role_change_each(cluster: Cluster) -> None:
+    """SIGKILL hi, lo takes over, hi restarts and takes back: one role event on each side
+    (the restarted node used to be handed the role before it knew its backends, then bounce
+    it back and forth: four changes, one of them "peer resigned")."""
+    hi, lo = cluster.pair()
+    cluster.takeover(signal.SIGKILL, hi, "lo")
+    hi.wait(timeout=15)
+    restarted_at = time.time()
+    hi2 = cluster.node("hi", 150)
+    assert wait_for(lambda: served_by(cluster.service) == "hi", TAKEOVER_BOUND_S), hi2.output()
+    assert wait_for(lambda: lo.role() == "passive", TAKEOVER_BOUND_S), lo.output()
+
+    def role_events(node: BalancerProc) -> list[str]:
+        state = _state(node)
+        assert state is not None
+        return [e["detail"] for e in state["events"] if e["kind"] == "role"]
+
+    lo_changes = [d for d in role_events(lo) if d.startswith("active -> passive")]
+    assert len(lo_changes) == 1, (lo_changes, lo.output())
+    assert role_events(hi2) == [d for d in role_events(hi2) if d.startswith("passive -> active")]
+    assert len(role_events(hi2)) == 1, hi2.output()
+    lo_state = _state(lo)
+    assert lo_state is not None
+    after = [e for e in lo_state["events"] if e["kind"] == "role" and e["ts"] >= restarted_at]
+    assert len(after) == 1, after
+    assert "resigned" not in hi2.output()
 
 
 def test_no_preempt_restarted_higher_priority_stays_passive(cluster: Cluster) -> None:

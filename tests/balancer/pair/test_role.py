@@ -86,7 +86,7 @@ async def test_the_pair_drives_a_host_through_the_protocol_only(tmp_path: Path) 
         # a clean stop of the active resigns: the passive takes over and binds
         await hi.stop()
         await wait_until(lambda: lo_host.roles)
-        assert lo_host.roles == [("active", "peer resigned")] and lo_host.listening
+        assert lo_host.roles == [("active", "peer stepped down")] and lo_host.listening
         assert lo_host.status["transitions"] == 1
     finally:
         await lo.stop()

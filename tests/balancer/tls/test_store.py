@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from balancer.tls.store import (
     CertStore,
@@ -358,6 +359,10 @@ def test_cert_info_lists_names_serial_expiry(ca: CertAuthority) -> None:
     assert info[0]["serial"] == f"{serial_of(a[0]):x}"
     assert [i["expired"] for i in info] == [False, True]
     assert info[0]["not_after"].endswith("+00:00")
+    leaf = x509.load_pem_x509_certificate(Path(a[0]).read_bytes())
+    assert info[0]["issuer"] == leaf.issuer.rfc4514_string() and "O=" in info[0]["issuer"]
+    assert info[0]["sha256"] == leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert info[0]["sha256"] != info[1]["sha256"]
 
 
 # ---------------------------------------------------------------- mTLS
