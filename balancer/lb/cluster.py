@@ -39,6 +39,7 @@ class Backend:
 
     __slots__ = (
         "_weight",
+        "address",
         "admin_state",
         "backup",
         "check_detail",
@@ -71,7 +72,9 @@ class Backend:
         clock: Callable[[], float],
         slow_start: SlowStart | None = None,
     ) -> None:
+        # the one name users see (spec.name, else host:port); the address stays beside it
         self.id = spec.id
+        self.address = spec.address
         self.clock = clock
         # effective weight, a plain attribute read by the scheduler on every pick; the cluster
         # re-derives it (slow start) whenever it recomputes the eligible set
@@ -98,6 +101,10 @@ class Backend:
         self.ejections = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0  # seconds, for the Prometheus histogram _sum
+
+    @property
+    def name(self) -> str:
+        return self.id
 
     def effective_weight(self, now: float) -> float:
         """The configured weight, with slow start applied."""
