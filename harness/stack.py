@@ -196,7 +196,8 @@ class LocalStack:
             proc.wait_until_ready()
         common = ["--listen", f"{self.host}:{self.listen_port}"]
         for b in self.backends:
-            common += ["--backend", b.address]
+            # the balancer's name for it is the demo backend's own X-Backend name
+            common += ["--backend", f"{b.address},name={b.name}"]
         common += ["--algorithm", self.algorithm, "--timeout-shutdown-grace", "3"]
         if self.hash_key:
             common += ["--hash-key", self.hash_key]
