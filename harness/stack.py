@@ -135,8 +135,8 @@ class LocalStack:
         return {b.name: b.url for b in self.backends}
 
     def backend_id(self, i: int) -> str:
-        """The backend's id in the balancer's /api/state."""
-        return self.backends[i].address
+        """The backend's id in the balancer's /api/state: its name, as in X-Backend."""
+        return self.backends[i].name
 
     def balancer(self, name: str) -> BalancerProc:
         for b in self.balancers:
