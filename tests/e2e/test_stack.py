@@ -6,6 +6,7 @@ the stack healthy (one active balancer, every backend up) for the next.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -110,6 +111,56 @@ def test_python_client_with_only_our_ca_sees_every_backend(stack: Stack) -> None
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     names = backend_names(stack.ca_file)
     assert len(names) == BACKENDS, f"X-Backend values seen: {names}"
+
+
+def compose_backends() -> dict[str, tuple[str, str]]:
+    """`docker ps`: backend-N -> (container name, address) for each backend replica.
+
+    N is read from the container name (`lbtestbed_backend_N` with Compose v1,
+    `lbtestbed-backend-N` with v2) and must agree with compose's replica label.
+    """
+    fmt = '{{.ID}} {{.Names}} {{.Label "com.docker.compose.container-number"}}'
+    filters = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+    filters += ["--filter", "label=com.docker.compose.service=backend"]
+    ps = subprocess.run(
+        ["docker", "ps", *filters, "--format", fmt],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    out: dict[str, tuple[str, str]] = {}
+    for line in ps.stdout.splitlines():
+        cid, container, number = line.split()
+        m = re.fullmatch(rf"{PROJECT}[_-]backend[_-](\d+)", container)
+        assert m is not None and m.group(1) == number, f"unexpected container {container}"
+        ip = subprocess.run(
+            ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"]
+            + [cid],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        out[f"backend-{number}"] = (container, f"{ip}:8080")
+    return out
+
+
+def test_one_name_per_backend_in_docker_ps_x_backend_api_and_metrics(stack: Stack) -> None:
+    replicas = compose_backends()
+    assert len(replicas) == BACKENDS, replicas
+    # X-Backend: the replica names itself from Docker's reverse DNS of its own address
+    assert backend_names(stack.ca_file) == set(replicas)
+    for balancer, admin in ADMINS.items():
+        # /api/state: discovery names each address by the same reverse lookup
+        state = get_json(admin + "/api/state")
+        seen = {b["name"]: b["address"] for b in state["backends"]}
+        assert seen == {name: addr for name, (_, addr) in replicas.items()}, balancer
+        with urllib.request.urlopen(admin + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        for name, (_, addr) in replicas.items():
+            assert f'lb_backend_info{{address="{addr}",backend="{name}"}} 1.0' in metrics
+            assert f'lb_backend_up{{backend="{name}"}}' in metrics
 
 
 def test_client_without_our_ca_fails_verification(stack: Stack) -> None:
