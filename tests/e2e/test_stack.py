@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -161,6 +162,25 @@ def test_one_name_per_backend_in_docker_ps_x_backend_api_and_metrics(stack: Stac
         for name, (_, addr) in replicas.items():
             assert f'lb_backend_info{{address="{addr}",backend="{name}"}} 1.0' in metrics
             assert f'lb_backend_up{{backend="{name}"}}' in metrics
+    # the access log (LB_ACCESS_LOG=-, to docker logs) of the active balancer
+    active = next(n for n, r in roles().items() if r == "active")
+    logs = subprocess.run(
+        [*(["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"])]
+        + ["logs", "--no-color", "--tail", "200", active],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    logged = set()
+    for line in logs.splitlines():
+        _, _, text = line.partition("| ")
+        if text.startswith('{"ts"'):
+            entry = json.loads(text)
+            logged.add((entry["backend"], entry["backend_address"]))
+    assert logged == {(name, addr) for name, (_, addr) in replicas.items()}
 
 
 def test_client_without_our_ca_fails_verification(stack: Stack) -> None:
