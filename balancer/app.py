@@ -375,11 +375,11 @@ class Balancer:
         """Re-resolve DNS names; new addresses join (named by reverse DNS), gone ones drain."""
         first = True
         while True:
-            # discovered backends by address: their ids are names, the DNS answers addresses
-            by_address = {
-                b.address: bid for bid, b in self.cluster.backends.items() if b.discovered
-            }
+            # every backend's address (ids are names, DNS answers addresses): an address
+            # already configured or discovered is not added a second time
+            by_address = {b.address for b in self.cluster.backends.values()}
             seen: set[str] = set()
+            new: dict[str, tuple[str, int, str]] = {}  # address -> (host, port, service)
             for spec in self.cfg.discover:
                 host, port = split_hostport(spec, "discover")
                 try:
@@ -394,7 +394,9 @@ class Balancer:
                     addr = str(info[4][0])
                     seen.add(f"{addr}:{port}")
                     if f"{addr}:{port}" not in by_address:
-                        await self._add_discovered(addr, port, host.split(".", 1)[0])
+                        new.setdefault(f"{addr}:{port}", (addr, port, host.split(".", 1)[0]))
+            # new addresses are named concurrently: a --scale of ten waits for one lookup
+            await asyncio.gather(*(self._add_discovered(*args) for args in new.values()))
             for bid, backend in list(self.cluster.backends.items()):
                 if (
                     backend.discovered

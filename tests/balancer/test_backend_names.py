@@ -111,3 +111,33 @@ async def test_discovery_falls_back_to_the_address(
         bal = await start_balancer([], discover=(f"localhost:{demo.port}",), discover_interval=0.1)
         address = f"127.0.0.1:{demo.port}"
         assert await _discovered(bal) == [(address, address)]
+
+
+async def test_discovery_keeps_names_unique_and_addresses_single(
+    start_balancer: Callable[..., Awaitable[Balancer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def always_3(loop: Any, addr: str, service: str) -> str | None:
+        return "backend-3"
+
+    monkeypatch.setattr(balancer.app, "reverse_replica_name", always_3)
+    async with run_backend("s") as static, run_backend("d1") as d1, run_backend("d2") as d2:
+        bal = await start_balancer(
+            [BackendSpec(static.host, static.port, name="b1")],
+            discover=tuple(f"localhost:{b.port}" for b in (static, d1, d2)),
+            discover_interval=0.1,
+        )
+        found: list[tuple[str, str]] = []
+        for _ in range(100):  # bounded: 5 s
+            found = sorted((b.id, b.address) for b in bal.cluster.backends.values())
+            if len(found) == 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more discovery rounds add nothing
+        assert sorted((b.id, b.address) for b in bal.cluster.backends.values()) == found
+        by_address = dict((address, bid) for bid, address in found)
+        # the configured address is not discovered a second time
+        assert by_address[f"127.0.0.1:{static.port}"] == "b1"
+        # one of the two discovered addresses gets the name, the other keeps its address
+        names = {by_address[f"127.0.0.1:{d.port}"] for d in (d1, d2)}
+        assert "backend-3" in names and len(names) == 2
+        assert names - {"backend-3"} <= {f"127.0.0.1:{d.port}" for d in (d1, d2)}
