@@ -31,6 +31,8 @@ from e2e_stack import (
     get_json,
     healthy_pair,
     roles,
+    run_cmd,
+    tail,
     wait_for,
 )
 
@@ -44,8 +46,8 @@ def https_get(url: str, ctx: ssl.SSLContext) -> tuple[int, str | None, bytes]:
         return resp.status, resp.headers.get("X-Backend"), resp.read()
 
 
-def backend_names(ca_file: Path, max_requests: int = 30) -> set[str]:
-    """X-Backend values over up to `max_requests` verified requests (stops at BACKENDS)."""
+def backend_names(ca_file: Path, max_requests: int = 30, want: int = BACKENDS) -> set[str]:
+    """X-Backend values over up to `max_requests` verified requests (stops at `want`)."""
     ctx = ssl.create_default_context(cafile=str(ca_file))
     names: set[str] = set()
     for _ in range(max_requests):
@@ -53,7 +55,7 @@ def backend_names(ca_file: Path, max_requests: int = 30) -> set[str]:
         assert status == 200
         if name:
             names.add(name)
-        if len(names) >= BACKENDS:
+        if len(names) >= want:
             break
     return names
 
@@ -181,6 +183,30 @@ def test_one_name_per_backend_in_docker_ps_x_backend_api_and_metrics(stack: Stac
             entry = json.loads(text)
             logged.add((entry["backend"], entry["backend_address"]))
     assert logged == {(name, addr) for name, (_, addr) in replicas.items()}
+
+
+def test_a_scaled_replica_is_named_the_same_way(stack: Stack) -> None:
+    p = run_cmd(["make", "up", f"BACKENDS={BACKENDS + 1}"], 600)
+    assert p.returncode == 0, tail(p)
+    try:
+        replicas = compose_backends()
+        new = f"backend-{BACKENDS + 1}"
+        assert new in replicas and len(replicas) == BACKENDS + 1, replicas
+
+        def everywhere() -> bool:
+            for admin in ADMINS.values():
+                state = get_json(admin + "/api/state")
+                named = {b["name"]: b["address"] for b in state["backends"]}
+                if named.get(new) != replicas[new][1]:
+                    return False
+            return new in backend_names(stack.ca_file, max_requests=40, want=BACKENDS + 1)
+
+        wait_for(f"{new} in both balancers' state and in X-Backend", everywhere, 60)
+    finally:
+        p = run_cmd(["make", "up", f"BACKENDS={BACKENDS}"], 600)
+        assert p.returncode == 0, tail(p)
+        wait_for(f"{BACKENDS} backends up", all_backends_up, 60)
+    assert set(compose_backends()) == {f"backend-{n}" for n in range(1, BACKENDS + 1)}
 
 
 def test_client_without_our_ca_fails_verification(stack: Stack) -> None:
