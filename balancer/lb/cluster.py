@@ -102,10 +102,6 @@ class Backend:
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0  # seconds, for the Prometheus histogram _sum
 
-    @property
-    def name(self) -> str:
-        return self.id
-
     def effective_weight(self, now: float) -> float:
         """The configured weight, with slow start applied."""
         if self.up_since is None or self.slow_start is None:
