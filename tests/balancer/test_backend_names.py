@@ -55,10 +55,14 @@ async def test_a_named_backend_has_one_name_everywhere(
 
         async with session.post(admin + "/api/backends/b1/drain") as resp:
             assert resp.status == 200
-        async with session.post(admin + f"/api/backends/{address}/drain") as resp:
-            assert resp.status == 404  # the name is the id; the address is not a second one
         assert [(e.kind.value, e.backend) for e in events][-1:] == [("drain", "b1")]
         assert bal.cluster.backends["b1"].admin_state == "draining"
+        # the address shown beside the name reaches the same backend; events say the name
+        async with session.post(admin + f"/api/backends/{address}/enable") as resp:
+            assert resp.status == 200
+        assert [(e.kind.value, e.backend) for e in events][-1:] == [("enable", "b1")]
+        async with session.post(admin + "/api/backends/b9/drain") as resp:
+            assert resp.status == 404
 
     (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert (entry["backend"], entry["backend_address"]) == ("b1", address)
