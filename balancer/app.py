@@ -30,6 +30,7 @@ from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
 from balancer.io.client import ClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
+from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
 from balancer.io.transport import loop_batch
 from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
@@ -408,10 +409,14 @@ class Balancer:
         self.tasks.append(self.loop.create_task(finish()))
 
     async def _discover_loop(self) -> None:
-        """Re-resolve DNS names; new addresses join, gone ones are drained."""
+        """Re-resolve DNS names; new addresses join (named by reverse DNS), gone ones drain."""
         first = True
         while True:
+            # every backend's address (ids are names, DNS answers addresses): an address
+            # already configured or discovered is not added a second time
+            by_address = {b.address for b in self.cluster.backends.values()}
             seen: set[str] = set()
+            new: dict[str, tuple[str, int, str]] = {}  # address -> (host, port, service)
             for spec in self.cfg.discover:
                 host, port = split_hostport(spec, "discover")
                 try:
@@ -425,16 +430,39 @@ class Balancer:
                 for info in infos:
                     addr = str(info[4][0])
                     seen.add(f"{addr}:{port}")
-                    if f"{addr}:{port}" not in self.cluster.backends:
-                        self.cluster.add(BackendSpec(addr, port), discovered=True)
-                        self.emit(EventKind.ADDED, f"{addr}:{port}", f"discovered via {host}")
+                    if f"{addr}:{port}" not in by_address:
+                        new.setdefault(f"{addr}:{port}", (addr, port, host.split(".", 1)[0]))
+            # new addresses are named concurrently: a --scale of ten waits for one lookup
+            await asyncio.gather(*(self._add_discovered(*args) for args in new.values()))
             for bid, backend in list(self.cluster.backends.items()):
-                if backend.discovered and bid not in seen and backend.admin_state != "draining":
+                if (
+                    backend.discovered
+                    and backend.address not in seen
+                    and backend.admin_state != "draining"
+                ):
                     self.drain_and_remove(bid)
             if self.checks is not None:
                 self.checks.sync()
             first = False
             await asyncio.sleep(self.cfg.discover_interval)
+
+    async def _add_discovered(self, addr: str, port: int, service: str) -> None:
+        """Name a new address as its container is named (`backend-3`), then add it.
+
+        The reverse lookup runs in the executor, in the discovery task, never on the data
+        path; without an answer that names a replica of `service` the name is the address.
+        """
+        address = f"{addr}:{port}"
+        name = await reverse_replica_name(self.loop, addr, service)
+        existing = self.cluster.backends.get(name) if name is not None else None
+        if existing is not None:
+            if existing.discovered and existing.admin_state == "draining":
+                return  # a replica that moved: its old address drains first, next round adds
+            log.warning("discovery: %s is named %s, taken by %s", address, name, existing.address)
+            name = None
+        spec = BackendSpec(addr, port, name=name)
+        self.cluster.add(spec, discovered=True)
+        self.emit(EventKind.ADDED, spec.id, f"{address}, discovered via {service}")
 
     # views (AdminHost, MetricsSource) --------------------------------------------------
     @property
@@ -472,8 +500,9 @@ class Balancer:
             connections, idle = self.pool.counts(b.id)
             out.append(
                 {
-                    "id": b.id,
-                    "address": f"{b.host}:{b.port}",
+                    "id": b.id,  # the name; kept for API clients that read `id`
+                    "name": b.id,
+                    "address": b.address,
                     "state": cluster.state_of(b),
                     "admin_state": b.admin_state,
                     "backup": b.backup,

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Balancer pair member. All balancer flags live here; compose only sets the per-member
 # values (LB_PEER, LB_PRIORITY) and shared ones (LB_VIP, LB_VIP_PREFIX). Scaled backend
-# replicas are found by re-resolving the compose service name (--discover).
+# replicas are found by re-resolving the compose service name (--discover), and named
+# backend-N by reverse DNS. `LB_ACCESS_LOG=- make up` turns the JSON access
+# log on, to `docker-compose logs balancer-a`.
 set -eu
 
 # compose starts us after `ca` succeeded; the bounded wait covers runs without compose
@@ -28,4 +30,5 @@ exec python -m balancer \
     --bind-election 0.0.0.0:7946 --peer "$LB_PEER" --priority "$LB_PRIORITY" \
     --vip "${LB_VIP:-172.28.0.100}/${LB_VIP_PREFIX:-24}" --vip-interface eth0 \
     --secret-file /certs/pair.secret \
+    ${LB_ACCESS_LOG:+--access-log "$LB_ACCESS_LOG"} \
     "$@"

@@ -135,8 +135,8 @@ class LocalStack:
         return {b.name: b.url for b in self.backends}
 
     def backend_id(self, i: int) -> str:
-        """The backend's id in the balancer's /api/state."""
-        return self.backends[i].address
+        """The backend's id in the balancer's /api/state: its name, as in X-Backend."""
+        return self.backends[i].name
 
     def balancer(self, name: str) -> BalancerProc:
         for b in self.balancers:
@@ -196,7 +196,8 @@ class LocalStack:
             proc.wait_until_ready()
         common = ["--listen", f"{self.host}:{self.listen_port}"]
         for b in self.backends:
-            common += ["--backend", b.address]
+            # the balancer's name for it is the demo backend's own X-Backend name
+            common += ["--backend", f"{b.address},name={b.name}"]
         common += ["--algorithm", self.algorithm, "--timeout-shutdown-grace", "3"]
         if self.hash_key:
             common += ["--hash-key", self.hash_key]

@@ -248,17 +248,21 @@ class DockerTarget(Target):
                 "start the stack with `make up`"
             )
         for c in backends:
-            name = c.attrs["Config"]["Hostname"]  # backends use $(hostname) as X-Backend
+            # backend-N, N the replica number: the name in X-Backend and in /api/state
+            # (docker/backend.sh and the balancer's discovery both derive it from the
+            # container name through Docker's reverse DNS)
+            name = f"backend-{c.labels.get('com.docker.compose.container-number', '0')}"
             self.containers[name] = c
             nets = c.attrs["NetworkSettings"]["Networks"]
             net_name = next((n for n in nets if n.endswith("lbnet")), None)
             if net_name is None:
                 raise DrillError(f"backend {c.name} is not on the lbnet network")
             self.network = self.client.networks.get(net_name)
-            self.backend_ids[name] = f"{nets[net_name]['IPAddress']}:{self.backend_port}"
+            self.backend_ids[name] = name
         self.ca_file = self._fetch_ca(self.containers["balancer-a"])
         if scenario.fault == "add":
-            self._extra_name = f"backend-drill-{secrets.token_hex(3)}"
+            # a replica number compose does not hand out, so the name is backend-9NN too
+            self._extra_name = f"backend-{900 + secrets.randbelow(100)}"
 
     def _fetch_ca(self, container: Any) -> str:
         stream, _ = container.get_archive("/certs/ca.crt")
@@ -288,13 +292,15 @@ class DockerTarget(Target):
 
     def _add_backend(self, name: str) -> Any:
         """A replica like the existing ones (image, command, mounts, network alias `backend`,
-        compose labels so `docker-compose down` removes it too), hostname = `name`."""
+        compose labels so `docker-compose down` removes it too), container `<project>_backend_N`
+        so that it names itself `name` = backend-N as every replica does."""
         template = next(c for n, c in self.containers.items() if n in self.backend_ids)
         template.reload()
         cfg, host = template.attrs["Config"], template.attrs["HostConfig"]
         labels = dict(cfg.get("Labels") or {})
         project = labels.get("com.docker.compose.project", "lb")
-        labels["com.docker.compose.container-number"] = str(900 + len(self._created))
+        number = int(name.rsplit("-", 1)[1])  # name is backend-N (extra_backend_name)
+        labels["com.docker.compose.container-number"] = str(number)
         labels["lb-testbed.drill"] = "scale-backends"
         binds = [
             f"{m['Name'] if m['Type'] == 'volume' else m['Source']}:{m['Destination']}:"
@@ -326,15 +332,14 @@ class DockerTarget(Target):
             healthcheck=cfg.get("Healthcheck"),
             host_config=host_config,
             networking_config=networking,
-            name=f"{project}_{name}",
+            # named like a compose v1 replica: its reverse DNS then names it backend-N
+            name=f"{project}_backend_{number}",
         )
         c = self.client.containers.get(created["Id"])
         self._created.append(c)
         c.start()
-        c.reload()
-        nets = c.attrs["NetworkSettings"]["Networks"]
         self.containers[name] = c
-        self.backend_ids[name] = f"{nets[self.network.name]['IPAddress']}:{self.backend_port}"
+        self.backend_ids[name] = name
         return c
 
     def admin_urls(self) -> dict[str, str]:

@@ -325,10 +325,15 @@ class AdminServer:
             raise AdminError(400, "body is not valid JSON") from None
 
     def _backend_id(self, request: web.Request) -> str:
+        """The backend's name; its address (shown beside the name) is accepted too."""
         bid = request.match_info["id"]
-        if bid not in self.balancer.cluster.backends:
-            raise _unknown_backend(bid)
-        return bid
+        backends = self.balancer.cluster.backends
+        if bid in backends:
+            return bid
+        for name, backend in backends.items():
+            if backend.address == bid:
+                return name
+        raise _unknown_backend(bid)
 
     # views ----------------------------------------------------------------------------
     def snapshot(self, events: int = EVENTS_IN_STATE) -> dict[str, Any]:

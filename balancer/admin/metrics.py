@@ -124,7 +124,13 @@ class BalancerCollector(Collector):
         weight = GaugeMetricFamily(
             "lb_backend_weight", "Configured weight of the backend", labels=["backend"]
         )
+        # the `backend` label of every family is the backend's name (its host:port when it
+        # has none); lb_backend_info joins a name to its address without a second label
+        info = GaugeMetricFamily(
+            "lb_backend_info", "1 per backend: its name and address", labels=["backend", "address"]
+        )
         for bid, b in list(cluster.backends.items()):
+            info.add_metric([bid, b.address], 1.0)
             requests.add_metric([bid], b.requests)
             for i, n in enumerate(b.responses):
                 if i:
@@ -145,7 +151,7 @@ class BalancerCollector(Collector):
             errors.add_metric([bid, "response"], b.errors_response)
             check.add_metric([bid], b.check_duration)
             weight.add_metric([bid], b.configured_weight)
-        yield from (requests, responses, in_flight, duration, up, state)
+        yield from (info, requests, responses, in_flight, duration, up, state)
         yield from (ejections, retries, errors, check, weight)
 
     def _overall_metrics(self) -> Iterator[Metric]:

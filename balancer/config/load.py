@@ -45,13 +45,14 @@ def warn_stderr(message: str) -> None:
 
 
 def parse_backend(value: str) -> BackendSpec:
-    """`H:P[,weight=W][,backup]` as on the command line."""
+    """`H:P[,weight=W][,backup][,name=N]` as on the command line."""
     first, *opts = value.split(",")
     host, port = split_hostport(first, "backend")
     if port == 0:
         raise ConfigError(f"backend: port 0 is not valid in {value!r}")
     weight = 1.0
     backup = False
+    name: str | None = None
     for opt in opts:
         key, _, val = opt.partition("=")
         if key == "weight":
@@ -63,9 +64,11 @@ def parse_backend(value: str) -> BackendSpec:
                 raise ConfigError(f"backend: weight must be in (0, 1000] in {value!r}")
         elif key == "backup" and not val:
             backup = True
+        elif key == "name":
+            name = val  # its rules are checked in validate(), as for the TOML `name`
         else:
             raise ConfigError(f"backend: unknown option {opt!r} in {value!r}")
-    return BackendSpec(host, port, weight, backup)
+    return BackendSpec(host, port, weight, backup, name)
 
 
 # --- TOML ------------------------------------------------------------------------------------
@@ -203,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         action="append",
         default=[],
-        metavar="H:P[,weight=W][,backup]",
-        help="a backend; repeat for more",
+        metavar="H:P[,weight=W][,backup][,name=N]",
+        help="a backend; repeat for more. name=N is what the API, dashboard, metrics, "
+        "access log and /api/backends/N/... use (default: H:P)",
     )
     p.add_argument(
         "--discover",

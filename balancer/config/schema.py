@@ -51,10 +51,18 @@ class BackendSpec:
     port: int
     weight: float = 1.0
     backup: bool = False
+    # what users see everywhere (API, dashboard, metrics, access log, events, URLs);
+    # None: the backend is known by its address
+    name: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def id(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The backend's one name: `name` when given, else `host:port`."""
+        return self.name if self.name is not None else self.address
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from balancer.config.schema import (
     Timeouts,
     flag_of,
 )
+from balancer.lb.names import NAME_RULE, valid_name
 
 # the election's range: 0 means "resigning" on the wire, 255 is reserved
 MIN_PRIORITY, MAX_PRIORITY = 1, 254
@@ -64,6 +65,14 @@ def _file(key: str, path: str) -> None:
         _fail(key, f"names a file that is not there: {path}")
 
 
+def _unique(key: str, what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            _fail(key, f"lists the {what} {value!r} twice")
+        seen.add(value)
+
+
 def validate(cfg: Config) -> None:
     _address("listen", cfg.listen)
     if not cfg.backends and not cfg.discover:
@@ -78,9 +87,11 @@ def validate(cfg: Config) -> None:
     for b in cfg.backends:
         if not 0 < b.weight <= 1000:
             _fail("backends", f"{b.id}: weight must be in (0, 1000], got {b.weight!r}")
-    ids = [b.id for b in cfg.backends]
-    if len(set(ids)) != len(ids):
-        _fail("backends", "lists the same backend twice")
+    for b in cfg.backends:
+        if b.name is not None and not valid_name(b.name):
+            _fail("backends", f"{b.address}: name {b.name!r} is invalid: use {NAME_RULE}")
+    _unique("backends", "address", [b.address for b in cfg.backends])
+    _unique("backends", "name", [b.name for b in cfg.backends if b.name is not None])
     for spec in cfg.discover:
         _address("discover", spec, wildcard=False)
     _positive("discover_interval", cfg.discover_interval)

@@ -249,6 +249,7 @@ class Exchange:
                 "path": req.target.decode("latin-1"),
                 "status": self.status,
                 "backend": self.backend.id if self.backend is not None else None,
+                "backend_address": self.backend.address if self.backend is not None else None,
                 "duration_ms": round((now - self.started) * 1000, 3),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,

@@ -39,6 +39,7 @@ class Backend:
 
     __slots__ = (
         "_weight",
+        "address",
         "admin_state",
         "backup",
         "check_detail",
@@ -71,7 +72,9 @@ class Backend:
         clock: Callable[[], float],
         slow_start: SlowStart | None = None,
     ) -> None:
+        # the one name users see (spec.name, else host:port); the address stays beside it
         self.id = spec.id
+        self.address = spec.address
         self.clock = clock
         # effective weight, a plain attribute read by the scheduler on every pick; the cluster
         # re-derives it (slow start) whenever it recomputes the eligible set

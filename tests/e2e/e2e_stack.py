@@ -26,7 +26,13 @@ LOCUST_URL = "http://127.0.0.1:8089"
 BACKENDS = 3
 UP_TIMEOUT_S = 900  # a cold CI run builds the base image (debootstrap) first
 READY_TIMEOUT_S = 120
-ENV = {**os.environ, "COMPOSE_PROJECT_NAME": PROJECT, "BACKENDS": str(BACKENDS)}
+# the balancers' JSON access log goes to `docker logs` (the one-name test reads it)
+ENV = {
+    **os.environ,
+    "COMPOSE_PROJECT_NAME": PROJECT,
+    "BACKENDS": str(BACKENDS),
+    "LB_ACCESS_LOG": "-",
+}
 
 
 def run_cmd(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

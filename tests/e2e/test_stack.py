@@ -6,6 +6,8 @@ the stack healthy (one active balancer, every backend up) for the next.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -29,6 +31,8 @@ from e2e_stack import (
     get_json,
     healthy_pair,
     roles,
+    run_cmd,
+    tail,
     wait_for,
 )
 
@@ -42,8 +46,8 @@ def https_get(url: str, ctx: ssl.SSLContext) -> tuple[int, str | None, bytes]:
         return resp.status, resp.headers.get("X-Backend"), resp.read()
 
 
-def backend_names(ca_file: Path, max_requests: int = 30) -> set[str]:
-    """X-Backend values over up to `max_requests` verified requests (stops at BACKENDS)."""
+def backend_names(ca_file: Path, max_requests: int = 30, want: int = BACKENDS) -> set[str]:
+    """X-Backend values over up to `max_requests` verified requests (stops at `want`)."""
     ctx = ssl.create_default_context(cafile=str(ca_file))
     names: set[str] = set()
     for _ in range(max_requests):
@@ -51,7 +55,7 @@ def backend_names(ca_file: Path, max_requests: int = 30) -> set[str]:
         assert status == 200
         if name:
             names.add(name)
-        if len(names) >= BACKENDS:
+        if len(names) >= want:
             break
     return names
 
@@ -110,6 +114,99 @@ def test_python_client_with_only_our_ca_sees_every_backend(stack: Stack) -> None
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     names = backend_names(stack.ca_file)
     assert len(names) == BACKENDS, f"X-Backend values seen: {names}"
+
+
+def compose_backends() -> dict[str, tuple[str, str]]:
+    """`docker ps`: backend-N -> (container name, address) for each backend replica.
+
+    N is read from the container name (`lbtestbed_backend_N` with Compose v1,
+    `lbtestbed-backend-N` with v2) and must agree with compose's replica label.
+    """
+    fmt = '{{.ID}} {{.Names}} {{.Label "com.docker.compose.container-number"}}'
+    filters = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+    filters += ["--filter", "label=com.docker.compose.service=backend"]
+    ps = subprocess.run(
+        ["docker", "ps", *filters, "--format", fmt],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    out: dict[str, tuple[str, str]] = {}
+    for line in ps.stdout.splitlines():
+        cid, container, number = line.split()
+        m = re.fullmatch(rf"{PROJECT}[_-]backend[_-](\d+)", container)
+        assert m is not None and m.group(1) == number, f"unexpected container {container}"
+        ip = subprocess.run(
+            ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"]
+            + [cid],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        out[f"backend-{number}"] = (container, f"{ip}:8080")
+    return out
+
+
+def test_one_name_per_backend_in_docker_ps_x_backend_api_and_metrics(stack: Stack) -> None:
+    replicas = compose_backends()
+    assert len(replicas) == BACKENDS, replicas
+    # X-Backend: the replica names itself from Docker's reverse DNS of its own address
+    assert backend_names(stack.ca_file) == set(replicas)
+    for balancer, admin in ADMINS.items():
+        # /api/state: discovery names each address by the same reverse lookup
+        state = get_json(admin + "/api/state")
+        seen = {b["name"]: b["address"] for b in state["backends"]}
+        assert seen == {name: addr for name, (_, addr) in replicas.items()}, balancer
+        with urllib.request.urlopen(admin + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        for name, (_, addr) in replicas.items():
+            assert f'lb_backend_info{{address="{addr}",backend="{name}"}} 1.0' in metrics
+            assert f'lb_backend_up{{backend="{name}"}}' in metrics
+    # the access log (LB_ACCESS_LOG=-, to docker logs) of the active balancer
+    active = next(n for n, r in roles().items() if r == "active")
+    logs = subprocess.run(
+        [*(["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"])]
+        + ["logs", "--no-color", "--tail", "200", active],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    logged = set()
+    for line in logs.splitlines():
+        _, _, text = line.partition("| ")
+        if text.startswith('{"ts"'):
+            entry = json.loads(text)
+            logged.add((entry["backend"], entry["backend_address"]))
+    assert logged == {(name, addr) for name, (_, addr) in replicas.items()}
+
+
+def test_a_scaled_replica_is_named_the_same_way(stack: Stack) -> None:
+    p = run_cmd(["make", "up", f"BACKENDS={BACKENDS + 1}"], 600)
+    assert p.returncode == 0, tail(p)
+    try:
+        replicas = compose_backends()
+        new = f"backend-{BACKENDS + 1}"
+        assert new in replicas and len(replicas) == BACKENDS + 1, replicas
+
+        def everywhere() -> bool:
+            for admin in ADMINS.values():
+                state = get_json(admin + "/api/state")
+                named = {b["name"]: b["address"] for b in state["backends"]}
+                if named.get(new) != replicas[new][1]:
+                    return False
+            return new in backend_names(stack.ca_file, max_requests=40, want=BACKENDS + 1)
+
+        wait_for(f"{new} in both balancers' state and in X-Backend", everywhere, 60)
+    finally:
+        p = run_cmd(["make", "up", f"BACKENDS={BACKENDS}"], 600)
+        assert p.returncode == 0, tail(p)
+        wait_for(f"{BACKENDS} backends up", all_backends_up, 60)
+    assert set(compose_backends()) == {f"backend-{n}" for n in range(1, BACKENDS + 1)}
 
 
 def test_client_without_our_ca_fails_verification(stack: Stack) -> None:

@@ -202,7 +202,9 @@ function renderBackends(s) {
       buttons.append(actionButton(b, "enable", "enable", true));
     }
     return el("tr", { "data-backend": b.id, "data-state": b.state, "data-testid": "backend-row" },
-      el("td", { class: "id" }, swatch, b.id,
+      el("td", { class: "id" }, swatch, b.name || b.id,
+        b.address && b.address !== (b.name || b.id) ?
+          el("span", { class: "addr", "data-testid": "address", text: b.address }) : null,
         tags.length ? el("span", { class: "tag", text: tags.join(", ") }) : null),
       el("td", {}, el("span", { class: "pill " + b.state, "data-testid": "state", text: b.state })),
       el("td", { class: "num", text: b.weight === b.effective_weight ? fmt(b.weight) :

@@ -51,7 +51,9 @@ def backends(harness: Harness) -> list[BackendProc]:
 @pytest.fixture
 def balancer(harness: Harness, backends: list[BackendProc]) -> tuple[str, str]:
     """A `python -m balancer` child; (public address, admin url)."""
-    args = ["--listen", "127.0.0.1:0", *(a for b in backends for a in ("--backend", b.address))]
+    # named as the demo backends call themselves: the rows show the name, the address beside
+    named = (f"{b.address},name={b.name}" for b in backends)
+    args = ["--listen", "127.0.0.1:0", *(a for spec in named for a in ("--backend", spec))]
     args += ["--admin", "127.0.0.1:0", "--check-interval", "0.3", "--check-timeout", "0.3"]
     lb = harness.balancer(*args, "--log-level", "warning")
     return f"{lb.host}:{lb.port}", lb.admin_url
@@ -100,7 +102,7 @@ def test_dashboard_shows_a_killed_backend_going_down(
     from selenium.webdriver.support.ui import WebDriverWait
 
     assert isinstance(driver, WebDriver)
-    ids = [f"{b.host}:{b.port}" for b in backends]
+    ids = [b.name for b in backends]
     driver.get(balancer[1] + "/")
 
     # the page re-renders every second: read the DOM in one script, not element by element
@@ -127,6 +129,11 @@ def test_dashboard_shows_a_killed_backend_going_down(
     assert "standalone" in driver.find_element(By.ID, "pair").text
     assert "plain HTTP" in driver.find_element(By.ID, "certs").text
     assert driver.find_element(By.ID, "role").text.lower() == "standalone"
+    shown = driver.execute_script(
+        "return Array.from(document.querySelectorAll('tr[data-backend]'))"
+        ".map(r => [r.querySelector('td.id').textContent, r.querySelector('.addr').textContent])"
+    )
+    assert sorted(shown) == sorted([f"{b.name}{b.address}", b.address] for b in backends)
     assert driver.find_element(By.ID, "algorithm").get_attribute("value") == "round-robin"
     # a few seconds of traffic so the chart and the rates have history
     WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.sent > 150)

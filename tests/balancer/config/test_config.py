@@ -95,6 +95,20 @@ interval = 1.0
 def test_parse_backend() -> None:
     assert parse_backend("h:1,weight=2.5,backup") == BackendSpec("h", 1, 2.5, True)
     assert parse_backend("[::1]:80").host == "::1"
+    named = parse_backend("h:1,name=b1,weight=2")
+    assert named == BackendSpec("h", 1, 2.0, False, "b1")
+    assert (named.id, named.address) == ("b1", "h:1")
+    assert parse_backend("h:1").id == "h:1"  # without a name the id stays host:port
+
+
+def test_toml_backend_names(tmp_path: Path) -> None:
+    text = 'backends = ["h:1,name=b1", {address = "h:2", name = "b2.x_y-3"}, "h:3"]\n'
+    cfg = from_args(["--config", toml(tmp_path, text)], warn=lambda _: None)
+    assert [(b.id, b.address) for b in cfg.backends] == [
+        ("b1", "h:1"),
+        ("b2.x_y-3", "h:2"),
+        ("h:3", "h:3"),
+    ]
     assert split_hostport(":80", "listen") == ("0.0.0.0", 80)
 
 
@@ -105,7 +119,14 @@ BAD_FLAGS = [
     (["--backend", "h:1,weight=x"], "weight must be a number"),
     (["--backend", "h:1,weight=0"], "weight must be in"),
     (["--backend", "h:1,color=red"], "unknown option"),
-    (["--backend", "h:1", "--backend", "h:1"], "backends (--backend) lists the same backend twice"),
+    (["--backend", "h:1", "--backend", "h:1"], "(--backend) lists the address 'h:1' twice"),
+    (["--backend", "h:1,name="], "h:1: name '' is invalid"),
+    (["--backend", "h:1,name=a b"], "h:1: name 'a b' is invalid"),
+    (["--backend", "h:1,name=h:2"], "h:1: name 'h:2' is invalid"),
+    (["--backend", "h:1,name=-x"], "h:1: name '-x' is invalid"),
+    (["--backend", "h:1,name=b/1"], "h:1: name 'b/1' is invalid"),
+    (["--backend", "h:1,name=" + "x" * 64], "is invalid: use 1-63 characters"),
+    (["--backend", "h:1,name=b1", "--backend", "h:2,name=b1"], "lists the name 'b1' twice"),
     ([], "no backends"),
     (["--backend", "h:1", "--listen", "nope"], "listen (--listen): expected HOST:PORT"),
     (["--backend", "h:1", "--algorithm", "random"], "argument --algorithm: invalid choice"),
@@ -210,6 +231,9 @@ BAD_TOML = [
     ('backends = ["h:1"]\n[timeouts]\nbackend_idle = 80', "timeouts.backend_idle"),
     ('backends = ["h:1"]\n[health]\n[health_check]', "give only [health_check]"),
     ('backends = ["h:1"]\n[timeouts]\nupstream_idle = 1\nbackend_idle = 2', "give only"),
+    ('backends = [{address = "h:1", name = ""}]', "(--backend) h:1: name '' is invalid"),
+    ('backends = [{address = "h:1", name = 3}]', "backends: name must be a string"),
+    ('backends = [{address = "h:1", name = "a"}, "h:2,name=a"]', "lists the name 'a' twice"),
 ]
 
 
@@ -248,6 +272,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     "args",
     [
         ("--backend", "nonsense"),
+        ("--backend", "h:1,name=no good"),
         ("--backend", "h:1", "--timeout-connect", "-1"),
         ("--config", "/no/such/file.toml"),
     ],
