@@ -35,9 +35,14 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 # make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1]
+#            [LISTEN_PORT=8080] [ADMIN_PORTS=9000 | with PAIR=1: 9001,9002] [BACKEND_PORTS=9101,9102,9103]
+#            [ELECTION_PORTS=7946,7947]  (UDP, PAIR=1 only)
 local: $(STAMP)
 	$(BIN)/python -m loadtest.local $(if $(ALGORITHM),--algorithm $(ALGORITHM)) \
-		$(if $(TLS),--tls) $(if $(PAIR),--pair)
+		$(if $(TLS),--tls) $(if $(PAIR),--pair) $(if $(LISTEN_PORT),--listen-port $(LISTEN_PORT)) \
+		$(if $(ADMIN_PORTS),--admin-ports $(ADMIN_PORTS)) \
+		$(if $(BACKEND_PORTS),--backend-ports $(BACKEND_PORTS)) \
+		$(if $(ELECTION_PORTS),--election-ports $(ELECTION_PORTS))
 
 # Balancer vs HAProxy vs a naive aiohttp proxy, same backends, same run.
 bench: $(STAMP)
