@@ -7,6 +7,13 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 # no hyphen: Compose v1.29 and v2 then name containers, networks and volumes identically
 COMPOSE_PROJECT_NAME ?= lbtestbed
 export COMPOSE_PROJECT_NAME
+# make up LOCUST_MASTER_BIND=ADDR publishes the Locust master's port 5557 on ADDR (workers
+# on other hosts join there); COMPOSE_FILE works the same in docker-compose 1.29 and v2
+ifneq ($(LOCUST_MASTER_BIND),)
+COMPOSE_FILE := compose.yaml:docker/compose.locust-master.yaml
+export COMPOSE_FILE
+export LOCUST_MASTER_BIND
+endif
 IMAGE ?= lb-testbed:latest
 BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
@@ -92,6 +99,7 @@ up: subnet image
 	@echo "service    https://localhost:8443   (make ca-cert, then curl --cacert pki/ca.crt)"
 	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
 	@echo "locust     http://localhost:8089"
+	@$(if $(LOCUST_MASTER_BIND),echo "locust     workers join at $(LOCUST_MASTER_BIND):5557 (--worker --master-host THIS_HOST)")
 
 # fails at once, before the image build, when LB_SUBNET is held by another network
 subnet:
