@@ -24,13 +24,17 @@ START_S = 60.0
 
 
 class Runner:
-    def __init__(self, tmp_path: Path, *extra: str) -> None:
-        self.listen, self.admin, *self.backends = free_ports(5)
+    def __init__(self, tmp_path: Path, *, pair: bool = False) -> None:
+        self.listen, admin_a, admin_b, *self.backends = free_ports(6)
+        self.admin = f"{admin_a},{admin_b}" if pair else str(admin_a)
         self.workdir = tmp_path / "run"
         self.out = tmp_path / "runner.out"
         argv = [sys.executable, "-m", "loadtest.local", "--workdir", str(self.workdir)]
-        argv += ["--listen-port", str(self.listen), "--admin-ports", str(self.admin)]
-        argv += ["--backend-ports", ",".join(map(str, self.backends)), *extra]
+        argv += ["--listen-port", str(self.listen), "--admin-ports", self.admin]
+        argv += ["--backend-ports", ",".join(map(str, self.backends))]
+        if pair:
+            election = free_ports(2, kind=socket.SOCK_DGRAM)
+            argv += ["--pair", "--election-ports", ",".join(map(str, election))]
         with open(self.out, "wb") as out:
             self.popen = subprocess.Popen(
                 argv, cwd=REPO, env=python_env(), stdout=out, stderr=subprocess.STDOUT
@@ -164,3 +168,28 @@ def test_taken_port_is_one_line_naming_the_port_and_the_flag(tmp_path: Path) -> 
     assert f"port {port} (service) is already in use" in lines[0]
     assert "LISTEN_PORT=" in lines[0] and "--listen-port" in lines[0]
     assert (tmp_path / "run").is_dir()
+
+
+def test_pair_kill_the_active_balancer_the_passive_serves_and_a_comes_back(
+    tmp_path: Path,
+) -> None:
+    runner = Runner(tmp_path, pair=True)
+    try:
+        assert wait_until(lambda: runner.ready() or runner.popen.poll() is not None, START_S)
+        assert runner.ready(), runner.text()
+        before = runner.status()
+        assert before is not None and set(before) == {"b1", "b2", "b3", "a", "b"}
+        a_pid = before["a"]["pid"]
+        os.kill(a_pid, signal.SIGKILL)
+        assert wait_gone([a_pid]) == []
+        assert wait_until(lambda: f"a (pid {a_pid}) died: killed by SIGKILL" in runner.text(), 10)
+        service = f"http://127.0.0.1:{runner.listen}/"
+        assert wait_until(lambda: runner.get(service)[0] == 200, 20)  # b took over
+        after = runner.status()
+        assert after is not None and after["b"]["alive"] and after["b"]["pid"] == before["b"]["pid"]
+        answer = local.request(runner.workdir, "restart a")
+        assert answer["ok"] and answer["pid"] != a_pid, answer
+        assert runner.get(service)[0] == 200
+        assert runner.popen.poll() is None
+    finally:
+        assert runner.stop() == 0
