@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, signal.SIG_IGN)
         stack.stop()
         server.close()
-        with contextlib.suppress(OSError):
-            _socket_path(workdir).unlink()
+        for leftover in (_socket_path(workdir), workdir / "pair.secret"):  # logs stay
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
     return status
