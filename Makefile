@@ -7,6 +7,13 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 # no hyphen: Compose v1.29 and v2 then name containers, networks and volumes identically
 COMPOSE_PROJECT_NAME ?= lbtestbed
 export COMPOSE_PROJECT_NAME
+# make up LOCUST_MASTER_BIND=ADDR publishes the Locust master's port 5557 on ADDR (workers
+# on other hosts join there); COMPOSE_FILE works the same in docker-compose 1.29 and v2
+ifneq ($(LOCUST_MASTER_BIND),)
+COMPOSE_FILE := compose.yaml:docker/compose.locust-master.yaml
+export COMPOSE_FILE
+export LOCUST_MASTER_BIND
+endif
 IMAGE ?= lb-testbed:latest
 BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
@@ -35,9 +42,14 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 # make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1]
+#            [LISTEN_PORT=8080] [ADMIN_PORTS=9000 | with PAIR=1: 9001,9002] [BACKEND_PORTS=9101,9102,9103]
+#            [ELECTION_PORTS=7946,7947]  (UDP, PAIR=1 only)
 local: $(STAMP)
 	$(BIN)/python -m loadtest.local $(if $(ALGORITHM),--algorithm $(ALGORITHM)) \
-		$(if $(TLS),--tls) $(if $(PAIR),--pair)
+		$(if $(TLS),--tls) $(if $(PAIR),--pair) $(if $(LISTEN_PORT),--listen-port $(LISTEN_PORT)) \
+		$(if $(ADMIN_PORTS),--admin-ports $(ADMIN_PORTS)) \
+		$(if $(BACKEND_PORTS),--backend-ports $(BACKEND_PORTS)) \
+		$(if $(ELECTION_PORTS),--election-ports $(ELECTION_PORTS))
 
 # Balancer vs HAProxy vs a naive aiohttp proxy, same backends, same run.
 bench: $(STAMP)
@@ -88,6 +100,7 @@ up: subnet image
 	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
 	@echo "           reads are open; drain/maint/algorithm need the token: make admin-token"
 	@echo "locust     http://localhost:8089"
+	@$(if $(LOCUST_MASTER_BIND),echo "locust     workers join at $(LOCUST_MASTER_BIND):5557 (--worker --master-host THIS_HOST)")
 
 # fails at once, before the image build, when LB_SUBNET is held by another network
 subnet:

@@ -36,8 +36,10 @@ def _count(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0 or value > 36500:
-        raise argparse.ArgumentTypeError(f"out of range (0..36500): {value}")
+    if value < 1:  # 0 or less would issue a certificate that is already expired
+        raise argparse.ArgumentTypeError(f"must be at least 1 (a lifetime), got {value}")
+    if value > 36500:
+        raise argparse.ArgumentTypeError(f"out of range (1..36500): {value}")
     return value
 
 
@@ -65,11 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create the CA, or reuse the one in --dir")
     p.add_argument("--dir", required=True, help="CA directory (created 0700)")
 
-    p = sub.add_parser("issue", help="issue a server (or --client) certificate")
+    p = sub.add_parser(
+        "issue",
+        help="issue a server (or --client) certificate",
+        description="Issue NAME.crt and NAME.key, signed by the CA in --dir. With no --dns "
+        "and no --ip, NAME itself becomes the certificate's DNS name (SAN).",
+    )
     p.add_argument("--dir", required=True)
     p.add_argument("--name", required=True, help="file name stem: NAME.crt / NAME.key")
     p.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
-    p.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
+    p.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        help="DNS SAN (repeatable); with no --dns and no --ip, NAME is the DNS SAN",
+    )
     p.add_argument("--client", action="store_true", help="clientAuth instead of serverAuth")
     p.add_argument("--force", action="store_true", help="replace an existing NAME")
     _add_lifetime(p)

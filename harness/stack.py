@@ -8,6 +8,7 @@ service port and election ports).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -45,6 +46,31 @@ PRIORITIES = (150, 100)
 
 class StackError(StartError):
     """The stack could not be started; the message says which process and why."""
+
+
+class PortInUse(StackError):
+    """A fixed port is taken before anything started; `role` says what it was meant for."""
+
+    def __init__(self, port: int, role: str, host: str, kind: str) -> None:
+        self.port, self.role, self.host, self.kind = port, role, host, kind
+        super().__init__(f"port {port} ({role}) is already in use on {host}")
+
+
+def port_taken(host: str, port: int, kind: socket.SocketKind) -> bool:
+    """True if binding `port` fails with "address in use" (as the child's bind would: TCP
+    with SO_REUSEADDR, like asyncio's servers, so a TIME_WAIT leftover is not "taken")."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            if kind == socket.SOCK_STREAM:
+                s.listen(1)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 class LocalStack:
@@ -165,6 +191,9 @@ class LocalStack:
         """Start everything and wait (bounded) until each process answers; stop on failure."""
         try:
             self._start()
+        except PortInUse:
+            self.stop(keep_logs=True)
+            raise
         except StartError as exc:
             self.stop(keep_logs=True)  # the error names a log file: it must still be there
             raise StackError(str(exc)) from None
@@ -172,7 +201,34 @@ class LocalStack:
             self.stop()
             raise
 
+    def fixed_ports(self) -> list[tuple[int, str, socket.SocketKind]]:
+        """(port, role, kind) of every port fixed beforehand (0 = picked by the child)."""
+        tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
+        ports = [(p, f"backend b{i + 1}", tcp) for i, p in enumerate(self.backend_ports)]
+        ports.append((self.listen_port, "service", tcp))
+        names = ("a", "b") if self.pair else ("a",)
+        if self.admin:
+            ports += [
+                (self.admin_ports[i], f"admin of balancer {n}", tcp) for i, n in enumerate(names)
+            ]
+        if self.pair:
+            ports += [
+                (self.election_ports[i], f"election of balancer {n}", udp)
+                for i, n in enumerate(names)
+            ]
+        return [(p, role, kind) for p, role, kind in ports if p]
+
+    def check_ports(self) -> None:
+        """Raise PortInUse for the first fixed port another process holds: one clear line
+        before any child starts, instead of a child's traceback."""
+        for port, role, kind in self.fixed_ports():
+            if port_taken(self.host, port, kind):
+                raise PortInUse(
+                    port, role, self.host, "udp" if kind == socket.SOCK_DGRAM else "tcp"
+                )
+
     def _start(self) -> None:
+        self.check_ports()
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         tls_args: list[str] = []

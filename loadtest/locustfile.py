@@ -2,11 +2,17 @@
 
     LB_CA_CERT=pki/ca.crt locust -f loadtest/locustfile.py --host https://127.0.0.1:8080
 
+Without LB_CA_CERT an https host is verified against the system store only, where the
+testbed's CA is not: it says so once, at the start, instead of failing every request with
+nothing but CERTIFICATE_VERIFY_FAILED.
+
 Scenarios (`--scenario`, also selectable in the web UI):
   steady     GET / and /echo
   slow       GET /delay?ms=50..500 (exercises least-connections)
-  sticky     X-User header + cookie per user; counts users whose X-Backend changed
-             (run the balancer with --algorithm source-hash --hash-key header:X-User)
+  sticky     X-User header + cookie per user; counts users whose X-Backend changed.
+             Needs source hashing (--algorithm source-hash --hash-key header:X-User): at
+             the start it reads the balancer's /api/state (--admin-url, default http on
+             port 9000 of the --host) and refuses to run against another algorithm
   bulk       GET /bytes?n=N and POST /upload of N/4 bytes (--bulk-bytes)
   handshake  `Connection: close` on every request: a new TCP+TLS handshake each time
 
@@ -33,12 +39,17 @@ import json
 import logging
 import os
 import random
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from typing import Any
 
+import gevent  # type: ignore[import-untyped]
 import gevent.ssl  # type: ignore[import-untyped]
 from locust import FastHttpUser, LoadTestShape, between, events, task
+from locust.exception import StopUser
 from locust.runners import WorkerRunner
 
 BACKEND_HEADER = "X-Backend"
@@ -49,6 +60,9 @@ log = logging.getLogger("lb-testbed")
 backend_counts: Counter[str] = Counter()
 sticky = {"violations": 0, "users": 0}
 _upload_cache: dict[int, bytes] = {}
+_warned: set[str] = set()  # each warning once per process
+_sticky_refused: list[str] = []  # why the sticky scenario cannot run (empty: it can)
+ADMIN_PORT = 9000
 
 
 def verified_ssl_context(*_args: Any, **_kwargs: Any) -> gevent.ssl.SSLContext:
@@ -70,10 +84,100 @@ def _add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--backends-out", default="", help="write per-backend counts here (.json or .csv)"
     )
+    parser.add_argument(
+        "--admin-url",
+        default="",
+        help="balancer admin API the sticky scenario checks (default http://HOST:9000)",
+    )
 
 
 def _options(environment: Any) -> Any:
     return environment.parsed_options
+
+
+# ---- checks at the start --------------------------------------------------------------------
+
+
+def ca_warning(host: str | None, ca_cert: str | None) -> str | None:
+    """Why every request to `host` will fail certificate verification, or None."""
+    if not host or urllib.parse.urlsplit(host).scheme != "https":
+        return None
+    if not ca_cert:
+        return (
+            f"the host {host} is https and LB_CA_CERT is not set: certificates are checked "
+            "against the system store only, so the testbed's (signed by its own CA) fail "
+            "every request with CERTIFICATE_VERIFY_FAILED. Set LB_CA_CERT=pki/ca.crt "
+            "(in compose: /certs/ca.crt)."
+        )
+    if not os.path.isfile(ca_cert):
+        return f"LB_CA_CERT={ca_cert} is not a file: every https request will fail"
+    return None
+
+
+def _warn_once(message: str | None) -> None:
+    if message and message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def admin_url_for(host: str | None, admin_url: str | None) -> str:
+    """The balancer admin API: `--admin-url`, or plain http on port 9000 of the host."""
+    if admin_url:
+        return admin_url.rstrip("/")
+    hostname = urllib.parse.urlsplit(host or "").hostname or "127.0.0.1"
+    shown = f"[{hostname}]" if ":" in hostname else hostname
+    return f"http://{shown}:{ADMIN_PORT}"
+
+
+def sticky_problem(admin_url: str, timeout: float = 5.0) -> str | None:
+    """Why the sticky scenario would measure nothing but the algorithm, or None."""
+    url = f"{admin_url}/api/state"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            state = json.load(resp)
+    except (OSError, ValueError) as exc:
+        return (
+            f"the sticky scenario needs the balancer's algorithm, but {url} did not answer "
+            f"({exc}); pass --admin-url http://HOST:PORT"
+        )
+    algorithm = state.get("algorithm") if isinstance(state, dict) else None
+    if algorithm != "source-hash":
+        return (
+            f"the sticky scenario needs source hashing, but the balancer at {admin_url} runs "
+            f"{algorithm!r}: every change of backend would count as a violation. Run it with "
+            "--algorithm source-hash --hash-key header:X-User (make local "
+            "ALGORITHM=source-hash), or switch at runtime: curl -X PUT -d "
+            f'\'{{"algorithm": "source-hash"}}\' {admin_url}/api/algorithm'
+        )
+    return None
+
+
+@events.init.add_listener
+def _check_host_at_init(environment: Any, **_kw: Any) -> None:
+    opts = environment.parsed_options
+    _warn_once(ca_warning(getattr(opts, "host", None), os.environ.get("LB_CA_CERT")))
+
+
+@events.test_start.add_listener
+def _checks_at_start(environment: Any, **_kw: Any) -> None:
+    _warn_once(ca_warning(environment.host, os.environ.get("LB_CA_CERT")))
+    opts = _options(environment)
+    _sticky_refused.clear()
+    if isinstance(environment.runner, WorkerRunner) or opts is None:
+        return
+    if getattr(opts, "scenario", "steady") != "sticky":
+        return
+    problem = sticky_problem(admin_url_for(environment.host, getattr(opts, "admin_url", "")))
+    if problem is None:
+        return
+    _sticky_refused.append(problem)
+    log.error("refusing to run: %s", problem)
+    environment.process_exit_code = 2
+    runner = environment.runner
+    if getattr(opts, "headless", False):
+        gevent.spawn_later(0, runner.quit)
+    else:
+        gevent.spawn_later(0, runner.stop)
 
 
 class TestbedUser(FastHttpUser):
@@ -105,6 +209,8 @@ class TestbedUser(FastHttpUser):
         self.client.get(f"/delay?ms={ms}", name="/delay")
 
     def _sticky(self) -> None:
+        if _sticky_refused:  # the start-up check failed: send nothing
+            raise StopUser()
         headers = {"X-User": self.user_key, "Cookie": f"lb_user={self.user_key}"}
         with self.client.get("/", headers=headers, name="/ (sticky)", catch_response=True) as r:
             got = r.headers.get(BACKEND_HEADER) if r.status_code == 200 else None

@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ def _load_pair(
         leaf = x509.load_pem_x509_certificates(before)[0]
     except ValueError:
         raise TLSConfigError(f"{cert_file}: not a PEM certificate") from None
+    problem = server_auth_problem(leaf)
+    if problem is not None:
+        raise TLSConfigError(f"{cert_file}: {problem}")
     ctx = _server_context(min_version, alpn, client_ca)
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
@@ -175,6 +179,24 @@ def _load_pair(
     issuer = leaf.issuer.rfc4514_string()
     return LoadedCert(
         cert_file, key_file, ctx, dns, ips, leaf.serial_number, not_after, issuer, fingerprint
+    )
+
+
+def server_auth_problem(leaf: x509.Certificate) -> str | None:
+    """Why `leaf` may not serve TLS (RFC 5280 4.2.1.12), or None. No extended key usage
+    means any use; otherwise serverAuth (or anyExtendedKeyUsage) must be listed, or every
+    client rejects the handshake with an error that does not say why."""
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    allowed = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+    if any(oid in eku for oid in allowed):
+        return None
+    names = ", ".join(getattr(oid, "_name", oid.dotted_string) for oid in eku) or "nothing"
+    return (
+        f"extended key usage ({names}) does not allow server auth; "
+        "issue a server certificate (python -m ca issue without --client)"
     )
 
 

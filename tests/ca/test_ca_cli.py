@@ -269,7 +269,13 @@ BAD_INPUT = [
     (_no_setup, ["issue", "--dir", "{d}", "--name", "a/b"], "bad name"),
     (_no_setup, ["issue", "--dir", "{d}", "--name", "web_1"], "not a DNS name"),
     (_no_setup, ["show", "--dir", "{d}", "../ca"], "bad name"),
-    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--days", "-1"], "out of range"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--days", "-1"], "at least 1"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--days", "0"], "at least 1"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--hours", "0"], "at least 1"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--hours", "-3"], "at least 1"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--minutes", "0"], "at least 1"),
+    (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--days", "40000"], "out of range"),
+    (_existing_leaf, ["renew", "--dir", "{d}", "web", "--minutes", "0"], "at least 1"),
     (_no_setup, ["issue", "--dir", "{d}", "--name", "web", "--days", "x"], "whole number"),
     (_no_setup, ["issue", "--dir", "{d}", "--name", "w", "--days", "1", "--hours", "1"], "not"),
     (_no_setup, ["issue", "--dir", "{d}"], "--name"),
@@ -322,3 +328,10 @@ def test_library_rejects_bad_names_and_keeps_ca(tmp_path: Path) -> None:
     crt, key = authority.issue("web", ips=["::1"])
     assert sans(load(crt)) == ["::1"]
     assert os.stat(key).st_mode & 0o077 == 0
+
+
+def test_issue_help_says_the_name_is_the_dns_name_by_default(run_ca: CLI) -> None:
+    res = run_ca("issue", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert "With no --dns and no --ip, NAME itself becomes the certificate's DNS name" in text

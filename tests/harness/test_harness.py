@@ -137,3 +137,21 @@ def test_a_restarted_balancer_keeps_its_ports(harness: Harness) -> None:
     lb.start()
     assert (lb.url, lb.admin_url) == (url, admin_url) and lb.pid != pid
     assert lb.get("/").headers["X-Backend"] == "a"
+
+
+def test_a_taken_fixed_port_is_one_line_before_any_child_starts(tmp_path: Path) -> None:
+    from harness.stack import LocalStack, PortInUse
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        taken = udp.getsockname()[1]
+        stack = LocalStack.ephemeral(
+            pair=True, election_ports=(taken, taken + 1), workdir=tmp_path / "run"
+        )
+        with pytest.raises(PortInUse) as info:
+            stack.start()
+    assert info.value.port == taken and info.value.kind == "udp"
+    assert (
+        str(info.value) == f"port {taken} (election of balancer a) is already in use on 127.0.0.1"
+    )
+    assert stack.procs == []  # nothing was started

@@ -8,6 +8,8 @@ import ipaddress
 import logging
 import os
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +29,7 @@ from balancer.tls.store import (
 )
 from ca.core import CertAuthority, init_ca
 
+REPO = Path(__file__).resolve().parents[3]
 IO_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -348,6 +351,36 @@ def test_bad_initial_files_raise_clear_errors(ca: CertAuthority, tmp_path: Path)
     with pytest.raises(TLSConfigError, match="client CA"):
         CertStore([(crt, key)], client_ca=junk)
     assert other_crt.exists()
+
+
+def test_client_only_certificate_is_refused_at_start_and_on_reload(
+    ca: CertAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    crt, key = ca.issue("web", dns=["web.test"])
+    client_crt, client_key = ca.issue("alice", dns=["alice.test"], client=True)
+    with pytest.raises(TLSConfigError, match=r"alice\.crt: extended key usage .* server auth"):
+        CertStore([(client_crt, client_key)])
+    store = CertStore([(crt, key)])
+    good_serial = store.cert_info()[0]["serial"]
+    _replace(crt, client_crt.read_bytes())
+    _replace(key, client_key.read_bytes())
+    with caplog.at_level(logging.ERROR, logger="balancer.tls"):
+        assert store.maybe_reload() is False
+    assert "does not allow server auth" in (store.last_error or "")
+    assert "\n" not in (store.last_error or "")
+    assert store.cert_info()[0]["serial"] == good_serial  # still serving the old one
+
+
+def test_balancer_refuses_a_client_certificate_in_one_line(ca: CertAuthority) -> None:
+    client_crt, client_key = ca.issue("alice", dns=["alice.test"], client=True)
+    argv = [sys.executable, "-m", "balancer", "--listen", "127.0.0.1:0"]
+    argv += ["--backend", "127.0.0.1:9", "--tls-cert", str(client_crt)]
+    argv += ["--tls-key", str(client_key)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "cannot start" in lines[0] and "does not allow server auth" in lines[0]
 
 
 def test_cert_info_lists_names_serial_expiry(ca: CertAuthority) -> None:
