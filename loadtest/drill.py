@@ -48,7 +48,13 @@ from harness.procs import Child
 from harness.stack import LocalStack, StackError
 from harness.traffic import Outcome, run_traffic
 from loadtest.expect import Expectation, ExpectError, evaluate, parse_all
-from loadtest.report import DrillEvent, StateSample, build_report, plot, to_markdown
+from loadtest.report import (
+    DrillEvent,
+    StateSample,
+    build_report,
+    plot,
+    to_markdown,
+)
 
 POLL_INTERVAL_S = 0.1
 POLL_TIMEOUT_S = 0.5

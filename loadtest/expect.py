@@ -32,6 +32,7 @@ KNOWN_KEYS = frozenset(
         "failover_s",
         "disrupted",
         "active_changed",
+        "takeover_s",
         "counts",
         "latency",
         "per_backend",

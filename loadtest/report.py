@@ -42,6 +42,8 @@ DEFINITIONS = {
     "request sent after the fault (bad = non-2xx, error or slower than stall_s); null when "
     "none was bad (disrupted false) or none good followed (disrupted true)",
     "failed_requests": "requests without a 2xx status (errors and timeouts included)",
+    "takeover_s": "pair runs: fault -> first /api/state sample in which another balancer "
+    "is active (the peer detected the fault and took over)",
     "failed_in_flight": "failed requests that had a connection (pooled or just opened)",
     "failed_new_connections": "failed requests for which no connection could be opened "
     "(connect or TLS handshake failed, or timed out waiting for one)",
@@ -286,10 +288,24 @@ def build_report(
         before = active_at(smp, t_f) if fault is not None else None
         after = active_at(smp, math.inf)
         changed = before is not None and after is not None and after != before
-        pair_rows = {"active_before": before, "active_after": after, "active_changed": changed}
+        takeover = next(
+            (
+                s.t - t_f
+                for s in sorted(smp, key=lambda s: s.t)
+                if s.t >= t_f and s.reachable and s.role == "active" and s.balancer != faulted
+            ),
+            None,
+        )
+        pair_rows = {
+            "active_before": before,
+            "active_after": after,
+            "active_changed": changed,
+            "takeover_s": _r(takeover),
+        }
     markers = {
         "fault": _r(fault.t) if fault is not None else None,
         "detect": _r(fault.t + detect) if fault is not None and detect is not None else None,
+        "takeover": _r(t_f + pair_rows["takeover_s"]) if pair_rows.get("takeover_s") else None,
         "failover": _r(t_f + failover) if failover is not None else None,
         "restore": _r(restore.t) if restore is not None else None,
         "recovered": _r(restore.t + recover) if restore and recover is not None else None,
@@ -339,7 +355,7 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _fmt_value(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     """A measured value as the expectation syntax writes it (null, true, false, 0.62)."""
     if v is None:
         return "null"
@@ -367,6 +383,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"| failover_s | {_fmt(report['failover_s'])} |",
     ]
     if "active_before" in report:
+        lines.append(f"| takeover_s | {_fmt(report['takeover_s'])} |")
         lines.append(
             f"| active before / after | {_fmt(report['active_before'])} / "
             f"{_fmt(report['active_after'])} |"
@@ -376,7 +393,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Expectations ({verdict}):", "", "| condition | measured | holds |"]
         lines.append("|---|---|---|")
         lines += [
-            f"| `{e['condition']}` | {_fmt_value(e['measured'])} | {'yes' if e['ok'] else 'NO'} |"
+            f"| `{e['condition']}` | {fmt_value(e['measured'])} | {'yes' if e['ok'] else 'NO'} |"
             for e in report["expectations"]
         ]
     if report.get("notes"):
@@ -413,6 +430,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 MARKER_STYLE = {  # marker -> (colour, line style)
     "fault": ("tab:red", "-"),
     "detect": ("tab:orange", "--"),
+    "takeover": ("tab:orange", "-."),
     "failover": ("tab:purple", "--"),
     "restore": ("tab:green", "-"),
     "recovered": ("tab:olive", "--"),

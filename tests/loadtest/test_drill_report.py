@@ -135,6 +135,7 @@ def test_build_report_phases_counts_and_outputs(tmp_path: Path) -> None:
     assert r["markers"] == {
         "fault": 2.0,
         "detect": 2.2,
+        "takeover": None,
         "failover": 3.0,
         "restore": 5.0,
         "recovered": 5.81,
@@ -187,6 +188,7 @@ def test_balancer_report_counts_in_flight_and_new_connection_losses() -> None:
     r = pair_report([ok(1.0), lost, refused, ok(2.9, "b1")])
     assert (r["failed_requests"], r["failed_in_flight"], r["failed_new_connections"]) == (2, 1, 1)
     assert r["active_before"] == "a" and r["active_after"] == "b" and r["active_changed"] is True
+    assert r["takeover_s"] == 1.0  # b seen active at 3.0, fault at 2.0
     assert r["disrupted"] is True and r["failover_s"] == 0.9
     notes = " ".join(str(n) for n in r["notes"])  # type: ignore[attr-defined]
     assert "1 request(s) failed in flight" in notes and "keepalived" in notes
@@ -204,6 +206,7 @@ def test_nothing_failed_over_gives_null_failover() -> None:
     assert r["markers"] == {
         "fault": 2.0,
         "detect": None,
+        "takeover": 3.0,
         "failover": None,
         "restore": None,
         "recovered": None,
