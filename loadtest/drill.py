@@ -52,6 +52,7 @@ from loadtest.report import (
     DrillEvent,
     StateSample,
     build_report,
+    fmt_value,
     plot,
     to_markdown,
 )
@@ -862,9 +863,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"drill {scenario.name}: {json.dumps(summary)} -> {args.json}", file=sys.stderr)
     for r in rows:
         verdict = "ok  " if r["ok"] else "FAIL"
-        print(
-            f"drill: expect {verdict} {r['condition']} (measured {r['measured']})", file=sys.stderr
-        )
+        measured = fmt_value(r["measured"])
+        print(f"drill: expect {verdict} {r['condition']} (measured {measured})", file=sys.stderr)
     return 0 if report["expectations_met"] else 1
 
 
