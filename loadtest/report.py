@@ -491,13 +491,13 @@ def plot(report: dict[str, Any], path: str) -> None:
         lat.stairs(values, edges, linestyle=style, label=key)
     lat.set_ylabel("latency ms")
     lat.set_xlabel("seconds since start of traffic (one bucket = requests sent in that second)")
-    for name, t in d["markers"].items():
+    for i, (name, t) in enumerate(sorted(d["markers"].items(), key=lambda m: m[1])):
         colour, style = MARKER_STYLE.get(name, ("grey", ":"))
         for ax in ax_all:
             ax.axvline(t, color=colour, linestyle=style, linewidth=1)
-        top.annotate(
+        top.annotate(  # labels alternate high and low: close markers stay readable
             f" {name} {t:.2f}s",
-            (t, 1.0),
+            (t, 1.0 if i % 2 == 0 else 0.55),
             xycoords=("data", "axes fraction"),
             rotation=90,
             fontsize=7,
