@@ -296,6 +296,8 @@ def build_report(
             ),
             None,
         )
+        if kind != "balancer":
+            takeover = None  # a backend drill: no balancer was faulted, none took over
         pair_rows = {
             "active_before": before,
             "active_after": after,

@@ -189,6 +189,7 @@ def test_balancer_report_counts_in_flight_and_new_connection_losses() -> None:
     assert (r["failed_requests"], r["failed_in_flight"], r["failed_new_connections"]) == (2, 1, 1)
     assert r["active_before"] == "a" and r["active_after"] == "b" and r["active_changed"] is True
     assert r["takeover_s"] == 1.0  # b seen active at 3.0, fault at 2.0
+
     assert r["disrupted"] is True and r["failover_s"] == 0.9
     notes = " ".join(str(n) for n in r["notes"])  # type: ignore[attr-defined]
     assert "1 request(s) failed in flight" in notes and "keepalived" in notes
@@ -236,3 +237,20 @@ def test_plot_series_steps_cover_their_own_second() -> None:
     assert d["backends"] == {"b1": [5, 5, 5], "b2": [5, 5, 0]}
     assert d["sent"] == [10, 10, 6] and d["ok"] == [10, 10, 5] and d["failed"] == [0, 0, 1]
     assert d["markers"] == {"fault": 2.0, "failover": 2.1}  # absolute times
+
+
+def test_a_backend_drill_with_a_pair_has_no_takeover() -> None:
+    samples = [StateSample(2.1, "a", True, "active"), StateSample(2.1, "b", True, "passive")]
+    r = build_report(
+        scenario="stop-backend",
+        target="docker",
+        rate=1,
+        duration=3,
+        t0=0.0,
+        outcomes=[ok(1.0), ok(2.5)],
+        events=[DrillEvent(2.0, "stop", "b2")],
+        samples=samples,
+        faulted="b2",
+    )
+    assert r["active_before"] is None and r["active_after"] == "a"
+    assert r["takeover_s"] is None and r["markers"]["takeover"] is None
