@@ -62,10 +62,12 @@ bench-quick: $(STAMP)
 bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover
 
-# make drill SCENARIO=kill-backend [LOCAL=1]; writes out/drill-SCENARIO.{json,md,png}
+# make drill SCENARIO=kill-backend [LOCAL=1] [EXPECT='failover_s<=1.0 ...'] [NO_EXPECT=1]
+# writes out/drill-SCENARIO.{json,md,png}; exit 1 when an expectation is false
 drill: $(STAMP)
 	mkdir -p out
 	$(BIN)/python -m loadtest.drill $(or $(SCENARIO),kill-backend) $(if $(LOCAL),--local) \
+		$(foreach e,$(EXPECT),--expect '$(e)') $(if $(NO_EXPECT),--no-expect) \
 		--json out/drill-$(or $(SCENARIO),kill-backend).json \
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
 		--plot out/drill-$(or $(SCENARIO),kill-backend).png

@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,10 @@ class Outcome:
     status: int | None
     error: str | None  # short error class/message when there is no status
     backend: str | None  # X-Backend of the response
+    # the request's connection: "reused" (pooled), "new" (opened for it), "failed" (its
+    # connect or TLS handshake failed), "waiting" (none yet: queued for a pool slot), or
+    # None when unknown (outcomes built by hand)
+    conn: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,6 +63,24 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:160] if text else type(exc).__name__
 
 
+def connection_tracer() -> aiohttp.TraceConfig:
+    """Records in each request's trace context which connection it got (see Outcome.conn)."""
+
+    def setter(value: str) -> Callable[..., Any]:
+        async def on_event(session: Any, ctx: SimpleNamespace, params: Any) -> None:
+            if isinstance(ctx.trace_request_ctx, dict):
+                ctx.trace_request_ctx["conn"] = value
+
+        return on_event
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_queued_start.append(setter("waiting"))
+    trace.on_connection_create_start.append(setter("failed"))  # until create_end says "new"
+    trace.on_connection_create_end.append(setter("new"))
+    trace.on_connection_reuseconn.append(setter("reused"))
+    return trace
+
+
 async def _one(
     session: aiohttp.ClientSession,
     url: str,
@@ -65,12 +88,14 @@ async def _one(
     headers: dict[str, str],
 ) -> Outcome:
     t0 = clock()
+    ctx: dict[str, str] = {"conn": "waiting"}
     try:
-        async with session.get(url, headers=headers) as resp:
+        async with session.get(url, headers=headers, trace_request_ctx=ctx) as resp:
             await resp.read()
-            return Outcome(t0, clock() - t0, resp.status, None, resp.headers.get(BACKEND_HEADER))
+            backend = resp.headers.get(BACKEND_HEADER)
+            return Outcome(t0, clock() - t0, resp.status, None, backend, ctx["conn"])
     except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-        return Outcome(t0, None, None, _error_text(exc), None)
+        return Outcome(t0, None, None, _error_text(exc), None, ctx["conn"])
 
 
 async def run_traffic(
@@ -114,7 +139,9 @@ async def run_traffic(
     # total= covers waiting for a pooled connection slot too: an overloaded target
     # therefore shows up as timeouts, never as an unbounded queue here
     client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=client_timeout, trace_configs=[connection_tracer()]
+    ) as session:
         start = clock()
         sent_at: dict[asyncio.Task[Outcome], float] = {}
         for i in range(total):
@@ -134,7 +161,7 @@ async def run_traffic(
             if task.done():  # finished; its callback has not run yet
                 continue
             task.cancel()
-            outcomes.append(Outcome(sent_at[task], None, None, "cancelled", None))
+            outcomes.append(Outcome(sent_at[task], None, None, "cancelled", None, None))
         await asyncio.gather(*sent_at, return_exceptions=True)
     outcomes.sort(key=lambda o: o.t_send)
     return outcomes

@@ -2,7 +2,12 @@
 
     python -m loadtest.drill kill-backend --local --json out.json [--md out.md] [--plot out.png]
     python -m loadtest.drill scale-backends --json out.json   # docker only
+    python -m loadtest.drill kill-active-balancer --json out.json --expect 'failover_s<=1.0'
 
+Each scenario has default expectations (conditions on the report, see loadtest/expect.py
+and `default_expectations`); the drill exits 1 when one is false, 2 when it cannot run.
+Without --local it acts only on the compose project COMPOSE_PROJECT_NAME (default
+lbtestbed), and refuses when that project has no running container.
 
 A drill = a `Target` (where the stack runs: `LocalTarget` starts a `LocalStack`,
 `DockerTarget` drives the compose containers) + a `Scenario` (what to break, and how to
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import secrets
 import signal
 import sys
@@ -31,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -41,7 +47,15 @@ import aiohttp
 from harness.procs import Child
 from harness.stack import LocalStack, StackError
 from harness.traffic import Outcome, run_traffic
-from loadtest.report import DrillEvent, StateSample, build_report, plot, to_markdown
+from loadtest.expect import Expectation, ExpectError, evaluate, parse_all
+from loadtest.report import (
+    DrillEvent,
+    StateSample,
+    build_report,
+    fmt_value,
+    plot,
+    to_markdown,
+)
 
 POLL_INTERVAL_S = 0.1
 POLL_TIMEOUT_S = 0.5
@@ -74,6 +88,58 @@ SCENARIOS = {
         Scenario("pause-active-balancer", "balancer", "pause", "resume"),
     )
 }
+
+
+DEFAULT_PROJECT = "lbtestbed"
+
+# Default expectations: every target, then the extra ones of one target.
+_NO_LOSS = ("failed_requests==0", "recover_s!=null")
+_DEFAULT_EXPECT: dict[str, tuple[str, ...]] = {
+    "kill-backend": _NO_LOSS,
+    "stop-backend": _NO_LOSS,  # SIGTERM: the backend finishes what it has, nothing is lost
+    "restart-backend": _NO_LOSS,
+    "pause-backend": ("detect_s!=null", "recover_s!=null"),
+    "disconnect-backend": ("detect_s!=null", "recover_s!=null"),
+    "scale-backends": ("failed_requests==0", "added_s!=null", "removed_s!=null"),
+    "kill-active-balancer": ("active_changed==true",),
+    "stop-active-balancer": ("active_changed==true",),
+    "pause-active-balancer": ("failover_s!=null",),
+}
+_DEFAULT_EXPECT_BY_TARGET: dict[tuple[str, str], tuple[str, ...]] = {
+    # the entry relay retries the VIP: the takeover is latency, not a refused connection
+    ("kill-active-balancer", "docker"): ("failed_new_connections==0",),
+    ("stop-active-balancer", "docker"): ("failed_new_connections==0",),
+}
+
+
+def default_expectations(scenario: str, target: str) -> list[str]:
+    """The conditions a scenario's drill checks unless --no-expect is given."""
+    return [
+        *_DEFAULT_EXPECT.get(scenario, ()),
+        *_DEFAULT_EXPECT_BY_TARGET.get((scenario, target), ()),
+    ]
+
+
+def _expect_help() -> str:
+    lines = [
+        "default expectations (--no-expect drops them; --expect adds to them):",
+    ]
+    for name in sorted(SCENARIOS):
+        local = default_expectations(name, "local")
+        docker = default_expectations(name, "docker")
+        text = (
+            " ".join(local)
+            if local == docker
+            else " ".join(docker) + "  (local: " + (" ".join(local) or "none") + ")"
+        )
+        lines.append(f"  {name:22} {text}")
+    lines += [
+        "",
+        "a condition is KEY OP VALUE: KEY a report key or dotted path (latency.after.failed),",
+        "OP one of == != <= >= < >, VALUE a number, null, true or false. A null measurement",
+        "(nothing measured, e.g. failover_s when nothing failed over) passes only ==null/!=.",
+    ]
+    return "\n".join(lines)
 
 
 class Target(abc.ABC):
@@ -201,7 +267,7 @@ class DockerTarget(Target):
     def __init__(
         self,
         *,
-        project: str | None = None,
+        project: str = DEFAULT_PROJECT,
         service_url: str = "https://localhost:8443",
         admin_urls: dict[str, str] | None = None,
         backend_port: int = 8080,
@@ -230,9 +296,18 @@ class DockerTarget(Target):
         except Exception as exc:  # the SDK raises several unrelated types here
             raise DrillError(f"Docker is not reachable: {str(exc).splitlines()[0]}") from None
         label = "com.docker.compose.service"
-        found = self.client.containers.list(all=True, filters={"label": label})
-        if self.project:
-            found = [c for c in found if c.labels.get("com.docker.compose.project") == self.project]
+        # only this project's containers: a filter on the engine side, checked again here
+        of_project = f"com.docker.compose.project={self.project}"
+        found = [
+            c
+            for c in self.client.containers.list(all=True, filters={"label": [label, of_project]})
+            if c.labels.get("com.docker.compose.project") == self.project
+        ]
+        if not any(c.status == "running" for c in found):
+            raise DrillError(
+                f"compose project {self.project!r} is not running; start it with `make up` "
+                "or set COMPOSE_PROJECT_NAME to the project to drill"
+            )
         for c in found:
             service = c.labels.get(label)
             if service in self.BALANCERS:
@@ -618,6 +693,7 @@ async def run_drill(
         faulted=victim,
         backend_id=backend_id,
         stall_s=stall_s,
+        kind=scenario.kind,
     )
     if scenario.fault == "add":
         extra_id = None
@@ -627,9 +703,7 @@ async def run_drill(
         rel_samples = [
             StateSample(s.t - t0, s.balancer, s.reachable, s.role, s.backends) for s in samples
         ]
-        rel_outcomes = [
-            Outcome(o.t_send - t0, o.latency, o.status, o.error, o.backend) for o in outcomes
-        ]
+        rel_outcomes = [replace(o, t_send=o.t_send - t0) for o in outcomes]
         report |= scale_summary(rel_events, rel_samples, rel_outcomes, victim, extra_id)
     return report
 
@@ -646,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m loadtest.drill",
         description="Break part of the stack under fixed-rate traffic and measure the impact.",
+        epilog=_expect_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     where = p.add_mutually_exclusive_group()
@@ -665,9 +741,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="local: HTTPS with a CA in --pki")
     p.add_argument("--pki", default="pki", help="local: CA directory for --tls (default ./pki)")
     p.add_argument("--check-interval", type=float, help="local: balancer check interval")
-    p.add_argument("--project", help="docker: compose project name (default: any)")
+    p.add_argument(
+        "--project",
+        default=os.environ.get("COMPOSE_PROJECT_NAME") or DEFAULT_PROJECT,
+        help="docker: the compose project to act on (default: $COMPOSE_PROJECT_NAME, "
+        f"else {DEFAULT_PROJECT}); no other project's containers are touched",
+    )
     p.add_argument("--service-url", default="https://localhost:8443", help="docker: service")
-    p.add_argument("--max-failed", type=int, help="exit 1 when more requests than this failed")
+    p.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="COND",
+        help="a condition on the report, e.g. failed_requests==0 or 'failover_s<=1.0' "
+        "(repeatable); exit 1 when one is false",
+    )
+    p.add_argument("--no-expect", action="store_true", help="drop the default expectations")
+    p.add_argument(
+        "--max-failed", type=int, help="same as --expect 'failed_requests<=N' (kept for scripts)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -686,6 +778,16 @@ def _check_args(args: argparse.Namespace) -> tuple[float, float]:
     return fault_at, restore_at
 
 
+def expectations_for(args: argparse.Namespace) -> list[Expectation]:
+    """Defaults (unless --no-expect), then --max-failed, then each --expect; ExpectError on
+    the first bad one."""
+    target = "local" if args.local else "docker"
+    texts = [] if args.no_expect else default_expectations(args.scenario, target)
+    if args.max_failed is not None:
+        texts.append(f"failed_requests<={args.max_failed}")
+    return parse_all([*texts, *args.expect])
+
+
 def _write(path: str, text: str) -> None:
     try:
         Path(path).write_text(text)
@@ -700,6 +802,11 @@ def _sigterm(signum: int, frame: FrameType | None) -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     scenario = SCENARIOS[args.scenario]
+    try:
+        expectations = expectations_for(args)
+    except ExpectError as exc:
+        print(f"drill: {exc}", file=sys.stderr)
+        return 2
     target: Target
     if args.local:
         target = LocalTarget(
@@ -741,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         target.teardown()
         signal.signal(signal.SIGTERM, old_sigterm)
+    rows = evaluate(report, expectations)
+    report["expectations"] = rows
+    report["expectations_met"] = all(r["ok"] for r in rows)
     try:
         _write(args.json, json.dumps(report, indent=2) + "\n")
         if args.md:
@@ -750,25 +860,17 @@ def main(argv: list[str] | None = None) -> int:
     except DrillError as exc:
         print(f"drill: {exc}", file=sys.stderr)
         return 2
-    keys = ["failed_requests", "detect_s", "recover_s", "failover_s"]
+    keys = ["failed_requests", "failed_in_flight", "failed_new_connections"]
+    keys += ["detect_s", "recover_s", "failover_s"]
     if scenario.fault == "add":
         keys = ["failed_requests", "added_s", "removed_s", "served_by_added"]
     summary = {k: report[k] for k in keys}
     print(f"drill {scenario.name}: {json.dumps(summary)} -> {args.json}", file=sys.stderr)
-    if scenario.fault == "add" and (report["added_s"] is None or report["removed_s"] is None):
-        print(
-            f"drill: backend {report['added_backend']} was not "
-            + ("discovered and served" if report["added_s"] is None else "drained and removed"),
-            file=sys.stderr,
-        )
-        return 1
-    if args.max_failed is not None and report["failed_requests"] > args.max_failed:
-        print(
-            f"drill: {report['failed_requests']} failed > --max-failed {args.max_failed}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    for r in rows:
+        verdict = "ok  " if r["ok"] else "FAIL"
+        measured = fmt_value(r["measured"])
+        print(f"drill: expect {verdict} {r['condition']} (measured {measured})", file=sys.stderr)
+    return 0 if report["expectations_met"] else 1
 
 
 if __name__ == "__main__":

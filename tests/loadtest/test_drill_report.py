@@ -11,9 +11,12 @@ from loadtest.report import (
     active_at,
     build_report,
     detect_time,
+    disrupted,
     failover_time,
+    failure_kind,
     percentile,
     plot,
+    plot_series,
     recover_time,
     to_markdown,
 )
@@ -75,7 +78,8 @@ def test_failover_is_first_good_send_after_first_bad_send() -> None:
     # err at 1.99 predates the kill; the 1.5 s success at 2.2 is a stall, i.e. bad
     assert failover_time([kill], outcomes) == 2.6 - 2.0
     assert failover_time([kill], outcomes, stall_s=2.0) == 2.2 - 2.0
-    assert failover_time([kill], [ok(1.0), ok(2.1), ok(2.2)]) == 0.0
+    # nothing failed over: null, not 0.0
+    assert failover_time([kill], [ok(1.0), ok(2.1), ok(2.2)]) is None
     assert failover_time([kill], [ok(1.0), err(2.1)]) is None
     assert failover_time([], outcomes) is None
 
@@ -126,5 +130,127 @@ def test_build_report_phases_counts_and_outputs(tmp_path: Path) -> None:
     assert len(r["timeline"]) == 8 and r["timeline"][2]["failed"] == 1
     md = to_markdown(r)
     assert "| detect_s | 0.2 |" in md and "| b2 | 2 | 1 | 0 | 3 |" in md
+    # one balancer polled: no active before/after row, no pair keys
+    assert "active before" not in md and "active_before" not in r
+    assert r["markers"] == {
+        "fault": 2.0,
+        "detect": 2.2,
+        "takeover": None,
+        "failover": 3.0,
+        "restore": 5.0,
+        "recovered": 5.81,
+    }
     plot(r, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failures_split_by_what_the_connection_did() -> None:
+    assert failure_kind(ok(1.0)) is None
+    assert failure_kind(Outcome(1.0, None, None, "ServerDisconnectedError", None, "reused")) == (
+        "in_flight"
+    )
+    assert failure_kind(Outcome(1.0, None, None, "timeout", None, "new")) == "in_flight"
+    assert failure_kind(Outcome(1.0, 0.01, 502, None, None, "reused")) == "in_flight"
+    assert failure_kind(Outcome(1.0, None, None, "ClientConnectorError: x", None, "failed")) == (
+        "new_connection"
+    )
+    assert failure_kind(Outcome(1.0, None, None, "timeout", None, "waiting")) == "new_connection"
+    # no connection record (hand-built outcomes): the error class decides
+    assert failure_kind(err(1.0)) == "new_connection"
+    assert failure_kind(Outcome(1.0, None, None, "ServerDisconnectedError", None)) == "in_flight"
+
+
+def pair_report(outcomes: list[Outcome], target: str = "docker") -> dict[str, object]:
+    kill = DrillEvent(2.0, "kill", "a")
+    samples = [
+        StateSample(1.0, "a", True, "active"),
+        StateSample(1.0, "b", True, "passive"),
+        StateSample(3.0, "a", False),
+        StateSample(3.0, "b", True, "active"),
+    ]
+    return build_report(
+        scenario="kill-active-balancer",
+        target=target,
+        rate=10,
+        duration=4,
+        t0=0.0,
+        outcomes=outcomes,
+        events=[kill],
+        samples=samples,
+        faulted="a",
+        kind="balancer",
+    )
+
+
+def test_balancer_report_counts_in_flight_and_new_connection_losses() -> None:
+    lost = Outcome(2.01, None, None, "ServerDisconnectedError", None, "reused")
+    refused = Outcome(2.2, None, None, "ClientConnectorError: refused", None, "failed")
+    r = pair_report([ok(1.0), lost, refused, ok(2.9, "b1")])
+    assert (r["failed_requests"], r["failed_in_flight"], r["failed_new_connections"]) == (2, 1, 1)
+    assert r["active_before"] == "a" and r["active_after"] == "b" and r["active_changed"] is True
+    assert r["takeover_s"] == 1.0  # b seen active at 3.0, fault at 2.0
+
+    assert r["disrupted"] is True and r["failover_s"] == 0.9
+    notes = " ".join(str(n) for n in r["notes"])  # type: ignore[attr-defined]
+    assert "1 request(s) failed in flight" in notes and "keepalived" in notes
+    assert "retries the VIP" in notes
+    md = to_markdown(r)
+    assert "| failed in flight | 1 |" in md and "| failed new connections | 1 |" in md
+    assert "| active before / after | a / b |" in md
+    local = pair_report([ok(1.0), refused], target="local")
+    assert "nobody listens" in " ".join(str(n) for n in local["notes"])  # type: ignore[attr-defined]
+
+
+def test_nothing_failed_over_gives_null_failover() -> None:
+    r = pair_report([ok(1.0), ok(2.5), ok(3.5)])
+    assert r["failover_s"] is None and r["disrupted"] is False
+    assert r["markers"] == {
+        "fault": 2.0,
+        "detect": None,
+        "takeover": 3.0,
+        "failover": None,
+        "restore": None,
+        "recovered": None,
+    }
+    assert disrupted([DrillEvent(2.0, "kill", "a")], [err(2.5)], 1.0) is True
+    assert disrupted([], [err(2.5)], 1.0) is False
+
+
+def test_plot_series_steps_cover_their_own_second() -> None:
+    outcomes = [ok(i / 10, "b1" if i % 2 else "b2") for i in range(30)]  # 10/s for 3 s
+    outcomes = [o for o in outcomes if not (2.0 <= o.t_send < 3.0 and o.backend == "b2")]
+    outcomes += [err(2.05)]
+    r = build_report(
+        scenario="kill-backend",
+        target="t",
+        rate=10,
+        duration=3,
+        t0=0.0,
+        outcomes=outcomes,
+        events=[DrillEvent(2.0, "kill", "b2")],
+        samples=[],
+        faulted="b2",
+    )
+    d = plot_series(r)
+    # bucket i spans [i, i+1): the drop of b2 starts at the bucket that holds the fault
+    assert d["edges"] == [0.0, 1.0, 2.0, 3.0]
+    assert d["backends"] == {"b1": [5, 5, 5], "b2": [5, 5, 0]}
+    assert d["sent"] == [10, 10, 6] and d["ok"] == [10, 10, 5] and d["failed"] == [0, 0, 1]
+    assert d["markers"] == {"fault": 2.0, "failover": 2.1}  # absolute times
+
+
+def test_a_backend_drill_with_a_pair_has_no_takeover() -> None:
+    samples = [StateSample(2.1, "a", True, "active"), StateSample(2.1, "b", True, "passive")]
+    r = build_report(
+        scenario="stop-backend",
+        target="docker",
+        rate=1,
+        duration=3,
+        t0=0.0,
+        outcomes=[ok(1.0), ok(2.5)],
+        events=[DrillEvent(2.0, "stop", "b2")],
+        samples=samples,
+        faulted="b2",
+    )
+    assert r["active_before"] is None and r["active_after"] == "a"
+    assert r["takeover_s"] is None and r["markers"]["takeover"] is None

@@ -130,10 +130,43 @@ def test_local_target_cannot_add_backends(capsys: pytest.CaptureFixture[str]) ->
 
 def test_local_restart_backend_drill(tmp_path: Path) -> None:
     out = tmp_path / "rb.json"
-    argv = ["restart-backend", "--local", "--quiet", "--json", str(out)]
+    argv = ["restart-backend", "--local", "--quiet", "--no-expect", "--json", str(out)]
     assert drill.main([*argv, "--rate", "50", "--duration", "5", "--fault-at", "1.5"]) == 0
     r = json.loads(out.read_text())
     assert [e["kind"] for e in r["events"]] == ["stop", "restart"]
     assert r["events"][1]["detail"].startswith("restarted (pid ")
     assert r["detect_s"] is not None  # SIGTERM took b2 out
     assert r["per_backend_by_phase"]["before"].keys() == {"b1", "b2", "b3"}
+
+
+def test_local_stop_backend_drill_checks_its_expectations(tmp_path: Path) -> None:
+    """Through the harness: a false condition makes the exit status 1, and the report lists
+    every condition with what was measured."""
+    out, md = tmp_path / "sb.json", tmp_path / "sb.md"
+    argv = ["stop-backend", "--local", "--quiet", "--json", str(out), "--md", str(md)]
+    argv += ["--rate", "50", "--duration", "5", "--fault-at", "1.5", "--no-expect"]
+    argv += ["--expect", "failed_requests==0", "--expect", "counts.sent<0"]
+    assert drill.main(argv) == 1  # counts.sent<0 cannot hold
+    r = json.loads(out.read_text())
+    assert r["expectations"] == [
+        {"condition": "failed_requests==0", "measured": 0, "ok": True},  # SIGTERM loses nothing
+        {"condition": "counts.sent<0", "measured": 250, "ok": False},
+    ]
+    assert r["expectations_met"] is False
+    assert r["failed_in_flight"] == r["failed_new_connections"] == 0
+    assert "active_before" not in r  # one balancer: no pair rows
+    text = md.read_text()
+    assert "Expectations (NOT met)" in text and "| `counts.sent<0` | 250 | NO |" in text
+
+
+def test_local_kill_active_balancer_counts_refused_connections(tmp_path: Path) -> None:
+    out = tmp_path / "kab.json"
+    argv = ["kill-active-balancer", "--local", "--quiet", "--json", str(out)]
+    argv += ["--rate", "50", "--duration", "5", "--fault-at", "1.5"]
+    assert drill.main(argv) == 0  # the default: the other balancer became active
+    r = json.loads(out.read_text())
+    assert (r["active_before"], r["active_after"], r["active_changed"]) == ("a", "b", True)
+    assert r["failed_requests"] == r["failed_in_flight"] + r["failed_new_connections"]
+    assert r["failed_new_connections"] > 0  # nobody listens on the shared port meanwhile
+    assert "nobody listens" in r["notes"][1]
+    assert r["markers"]["takeover"] is not None

@@ -34,6 +34,17 @@ async def test_keepalive_reuses_and_new_connections_do_not(serve: ServerFactory)
     assert len(served.peers) == 1
 
 
+async def test_each_outcome_says_which_connection_it_had(serve: ServerFactory) -> None:
+    served = await serve(None)
+    outs = await run_traffic(served.url + "/", 20, 1.0, keepalive=True, connections=1)
+    assert outs[0].conn == "new" and {o.conn for o in outs[1:]} == {"reused"}
+    outs = await run_traffic(served.url + "/", 5, 1.0, keepalive=False)
+    assert {o.conn for o in outs} == {"new"}
+    closed = f"http://127.0.0.1:{free_port()}/"  # nothing listens: the connect fails
+    outs = await run_traffic(closed, 5, 1.0)
+    assert {o.conn for o in outs} == {"failed"} and not any(o.ok for o in outs)
+
+
 async def test_status_errors_and_timeouts_are_recorded(serve: ServerFactory) -> None:
     served = await serve(None)
     outs = await run_traffic(served.url + "/fail", 20, 0.5)
