@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import stat
 import subprocess
 import sys
@@ -54,15 +53,26 @@ def test_ca_init_makes_the_admin_token_once_publishes_it_0600_and_never_prints_i
 
 
 def container_argv(certs: Path) -> list[str]:
-    """The flags docker/balancer.sh execs the balancer with, /certs pointed at `certs`."""
-    script = BALANCER_SH.read_text()
-    command = script[script.index("exec python -m balancer") :].replace("\\\n", " ")
-    command = command.splitlines()[0].replace('"$@"', "")
-    values = {"LB_PEER": "172.28.0.12:7946", "LB_PRIORITY": "150"}
-    command = re.sub(
-        r'"?\$\{?(\w+)(?::-([^}]*))?\}?"?', lambda m: values.get(m[1], m[2] or ""), command
-    )
-    return shlex.split(command.replace("/certs/", f"{certs}/"))[4:]
+    """The flags docker/balancer.sh execs the balancer with, /certs pointed at `certs`: the
+    real script run by sh, with a `python` on PATH that prints its arguments."""
+    bin_dir = certs / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done\n')
+    fake.chmod(0o755)
+    script = certs / "balancer.sh"
+    script.write_text(BALANCER_SH.read_text().replace("/certs/", f"{certs}/"))
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "LB_PEER": "172.28.0.12:7946",
+        "LB_PRIORITY": "150",
+        "CERT_WAIT_SECONDS": "0",
+    }
+    out = subprocess.run(["sh", str(script)], env=env, capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.decode().split("\0")[:-1]
+    assert argv[:2] == ["-m", "balancer"], argv
+    return argv[2:]
 
 
 def test_the_balancer_container_requires_the_token_for_mutations(tmp_path: Path) -> None:
