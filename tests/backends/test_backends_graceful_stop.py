@@ -14,20 +14,14 @@ to its loop, as on a busy CI machine.
 from __future__ import annotations
 
 import signal
-import socket
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from harness import BackendProc, Harness, cpu_load
+from harness.http import slow_download_across
 
 BODY = 1024 * 1024  # far more than the kernel buffers of the connection hold
-MSS = 536  # the smallest an IPv4 peer must accept; keeps the server's send buffer small
-RCVBUF = 8 * 1024
-READ = 16 * 1024
-PAUSE_S = 0.01  # the slow reader: at most READ bytes every PAUSE_S
-IO_TIMEOUT_S = 10.0
 TRIALS = 3
 
 
@@ -38,27 +32,13 @@ def cpu_load_fixture() -> Iterator[int]:
 
 
 def download_across_sigterm(proc: BackendProc, n: int) -> int:
-    """GET /bytes?n=N, SIGTERM the backend once the head has arrived (its handler is then
-    writing the body), read the body slowly until EOF; return how many body bytes arrived."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, MSS)
-        sock.settimeout(IO_TIMEOUT_S)
-        sock.connect((proc.host, proc.port))
-        sock.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(READ)
-            assert chunk, f"connection closed before the response head: {data!r}"
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        assert f"content-length: {n}".encode() in head.lower(), head
-        received = len(body)
-        proc.signal(signal.SIGTERM)
-        while chunk := sock.recv(READ):
-            received += len(chunk)
-            time.sleep(PAUSE_S)
+    """SIGTERM the backend once the head has arrived (its handler is then writing the body);
+    how many body bytes arrive."""
+    head, received = slow_download_across(
+        proc.host, proc.port, n, lambda: proc.signal(signal.SIGTERM)
+    )
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert f"content-length: {n}".encode() in head.lower(), head
     return received
 
 

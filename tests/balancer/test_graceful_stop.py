@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from harness import BackendProc, BalancerProc, cpu_load
-from harness.http import IO_TIMEOUT
+from harness.http import IO_TIMEOUT, slow_download_across
 
 BODY = 1024 * 1024  # far more than the kernel buffers of the client connection hold
-MSS = 536  # the smallest an IPv4 peer must accept; keeps the balancer's send buffer small
 RCVBUF = 8 * 1024
 READ = 16 * 1024
-PAUSE_S = 0.01  # the slow reader: at most READ bytes every PAUSE_S
 TRIALS = 3
 
 
@@ -38,27 +35,9 @@ def cpu_load_fixture() -> Iterator[int]:
 
 
 def download_across_sigterm(lb: BalancerProc, n: int) -> tuple[bytes, int]:
-    """GET /bytes?n=N through the balancer, SIGTERM it once the response head has arrived
-    (the exchange is then relaying the body), read the body slowly until EOF.
-    Returns (head, body bytes received)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, MSS)
-        sock.settimeout(2 * IO_TIMEOUT)
-        sock.connect(("127.0.0.1", lb.port))
-        sock.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(READ)
-            assert chunk, f"connection closed before the response head: {data!r}"
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        received = len(body)
-        lb.signal(signal.SIGTERM)
-        while chunk := sock.recv(READ):
-            received += len(chunk)
-            time.sleep(PAUSE_S)
-    return head, received
+    """Through the balancer; SIGTERM it once the response head has arrived (the exchange is
+    then relaying the body). Returns (head, body bytes received)."""
+    return slow_download_across("127.0.0.1", lb.port, n, lambda: lb.signal(signal.SIGTERM))
 
 
 @pytest.mark.usefixtures("cpu_load")
