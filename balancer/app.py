@@ -131,7 +131,6 @@ class Balancer:
         self.servers: list[asyncio.Server] = []
         self.listening = False
         self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
-        self.role_detail: dict[str, Any] = {}
         self.tasks: list[asyncio.Task[Any]] = []
         self.admin: AdminServer | None = None
         self.pair: PairRole | None = None
@@ -276,8 +275,10 @@ class Balancer:
         old, self.role = self.role, role
         self.emit(EventKind.ROLE, "", f"{old} -> {role}: {reason}")
 
-    def report_pair_status(self, status: dict[str, Any]) -> None:
-        self.role_detail = status
+    @property
+    def role_detail(self) -> dict[str, Any]:
+        """The pair's status as of now (peer ages computed when asked); {} when standalone."""
+        return self.pair.status() if self.pair is not None else {}
 
     async def _wait_closed(self, closing: list[ClientPort], deadline: float) -> None:
         """Keep the loop running until these client connections have closed, i.e. flushed
@@ -483,7 +484,7 @@ class Balancer:
             "algorithms": list(ALGORITHMS),
             "mode": cluster.mode,
             "role": self.role,
-            "role_detail": self.pair.status() if self.pair is not None else self.role_detail,
+            "role_detail": self.role_detail,
             "listener": listener,
             "uptime_s": round(time.time() - self.started_at, 3),
             "now": time.time(),

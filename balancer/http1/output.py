@@ -30,7 +30,7 @@ class Output:
             out.append(data)
             return
         self.out = [data]
-        batch = self.batch  # Batch.add, inline: this runs for every response
+        batch = self.batch  # runs for every response: no method call
         if not batch.dirty:
             batch.wake()
         batch.dirty.append(self)
@@ -83,11 +83,6 @@ class Batch:
     def __init__(self, wake: Callable[[], None]) -> None:
         self.wake = wake
         self.dirty: list[Output] = []
-
-    def add(self, conn: Output) -> None:
-        if not self.dirty:
-            self.wake()
-        self.dirty.append(conn)
 
     def flush(self) -> None:
         dirty = self.dirty

@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ipaddress
 import logging
 import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from balancer.config import split_hostport
 from balancer.pair.advert import DEFAULT_REPLAY_WINDOW, AdvertCodec
 from balancer.pair.election import (
     Action,
@@ -51,47 +48,6 @@ def load_secret(path: str | Path) -> bytes:
     if not data:
         raise ValueError(f"secret file {path} is empty")
     return data
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); the config's parser (one for all)."""
-    return split_hostport(text, "address", wildcard=False)
-
-
-def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    if a[1] != b[1]:
-        return False
-    try:
-        return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
-    except ValueError:
-        return a[0].lower() == b[0].lower()
-
-
-@dataclass(frozen=True)
-class ValidatedPair:
-    bind: tuple[str, int]
-    peer: tuple[str, int]
-    secret: bytes
-
-
-def validate_pair_config(
-    *,
-    secret_file: str | Path | None,
-    bind: str,
-    peer: str,
-    node: str | None = None,
-) -> ValidatedPair:
-    """Resolve the pair's addresses and secret; raises ValueError with a one-line message.
-
-    Priority and advert interval come validated from balancer.config."""
-    if not secret_file:
-        raise ValueError("secret file is required")
-    bind_ep, peer_ep = parse_hostport(bind), parse_hostport(peer)
-    if _same_endpoint(bind_ep, peer_ep) or (
-        node is not None and _same_endpoint((node, bind_ep[1]), peer_ep)
-    ):
-        raise ValueError(f"peer {peer} is this node itself")
-    return ValidatedPair(bind=bind_ep, peer=peer_ep, secret=load_secret(secret_file))
 
 
 # ----- asyncio driver ------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import socket
 import time
 from typing import Any, Literal, Protocol
 
-from balancer.config import PairSettings
-from balancer.pair.driver import ElectionDriver, validate_pair_config
+from balancer.config import PairSettings, split_hostport
+from balancer.pair.driver import ElectionDriver, load_secret
 from balancer.pair.election import ElectionConfig
 from balancer.pair.vip import VirtualIP
 
@@ -44,9 +44,6 @@ class PairHost(Protocol):
     def report_role(self, role: BalancerRole, reason: str) -> None:
         """This node's role changed to `role`."""
 
-    def report_pair_status(self, status: dict[str, Any]) -> None:
-        """The pair's latest status, for the admin API and metrics."""
-
 
 def local_address_towards(peer: tuple[str, int]) -> str:
     """The source address the kernel would use to reach the peer (no packet is sent)."""
@@ -62,18 +59,16 @@ class PairRole:
     def __init__(self, settings: PairSettings, host: PairHost) -> None:
         self.host = host
         self.settings = settings
-        assert settings.peer and settings.bind
-        checked = validate_pair_config(
-            secret_file=settings.secret_file,
-            bind=settings.bind,
-            peer=settings.peer,
-        )
+        # balancer.config validated every pair setting; the secret is read here, at start
+        assert settings.peer and settings.bind and settings.secret_file
+        bind = split_hostport(settings.bind, "pair.bind", wildcard=False)
+        peer = split_hostport(settings.peer, "pair.peer", wildcard=False)
         self.vip = VirtualIP(settings.vip, settings.vip_interface or "") if settings.vip else None
-        node_host = checked.bind[0]
+        node_host = bind[0]
         if node_host in ("0.0.0.0", "::", ""):
-            node_host = local_address_towards(checked.peer)
+            node_host = local_address_towards(peer)
         # ties are broken by address: in local mode both share 127.0.0.1, so add the port
-        node = f"{node_host}:{checked.bind[1]}" if self.vip is None else node_host
+        node = f"{node_host}:{bind[1]}" if self.vip is None else node_host
         self.driver = ElectionDriver(
             ElectionConfig(
                 node=node,
@@ -81,9 +76,9 @@ class PairRole:
                 advert_interval=settings.advert_interval,
                 preempt=settings.preempt,
             ),
-            bind=checked.bind,
-            peer=checked.peer,
-            secret=checked.secret,
+            bind=bind,
+            peer=peer,
+            secret=load_secret(settings.secret_file),
             on_role_change=self._on_role,
         )
         self.role: BalancerRole = "passive"  # until the election says otherwise
@@ -98,7 +93,6 @@ class PairRole:
             await self.host.start_listening()
         await self.driver.start()
         self.tracker = asyncio.get_running_loop().create_task(self._track())
-        self._publish()
 
     async def stop(self) -> None:
         started = self.tracker is not None  # a start that failed added no VIP
@@ -136,7 +130,6 @@ class PairRole:
             self.transitions += 1
             log.info("role %s -> %s (%s)", old, new, reason)
             self.host.report_role(new, reason)
-        self._publish()
 
     async def _bind_with_retry(self) -> None:
         """Local mode: the old active may still hold the port for a moment."""
@@ -175,10 +168,6 @@ class PairRole:
             except OSError as exc:
                 self.listen_error = str(exc)
         self.driver.set_tracking(listener_ok=listener_ok, healthy_backends=healthy)
-        self._publish()
-
-    def _publish(self) -> None:
-        self.host.report_pair_status(self.status())
 
     def status(self) -> dict[str, Any]:
         """The pair's status now (peer ages computed at this moment, not at the last publish)."""

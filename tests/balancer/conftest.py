@@ -495,3 +495,21 @@ def balancer(harness: Harness) -> Iterator[Callable[..., BalancerProc]]:
         b.stop()
     for b in started:
         assert "Traceback" not in b.output(), b.output()
+
+
+@pytest.fixture
+def pair_status() -> Callable[[dict[str, Any]], Any]:
+    """`bal.pair = pair_status({...})`: stands in for the pair, whose status the balancer
+    reads when asked (and stops with it)."""
+
+    class PairStatus:
+        def __init__(self, status: dict[str, Any]) -> None:
+            self._status = status
+
+        def status(self) -> dict[str, Any]:
+            return self._status
+
+        async def stop(self) -> None:
+            pass
+
+    return PairStatus

@@ -93,12 +93,12 @@ async def test_set_weight_and_algorithm_emit_only_real_changes(
 
 
 async def test_a_reported_role_is_shown_and_announced(
-    start_balancer: Callable[..., Awaitable[Balancer]],
+    start_balancer: Callable[..., Awaitable[Balancer]], pair_status: Callable[..., Any]
 ) -> None:
     bal = await start_balancer(SPECS)
     assert bal.role == "standalone"
     bal.report_role("active", "test")
-    bal.report_pair_status({"transitions": 1})
+    bal.pair = pair_status({"transitions": 1})  # type: ignore[assignment]
     state = bal.state_view()
     assert (state["role"], state["role_detail"]) == ("active", {"transitions": 1})
     assert (bal.events[-1].kind, bal.events[-1].detail) == (

@@ -120,7 +120,9 @@ async def test_each_balancer_has_its_own_registry(
 
 
 async def test_backend_state_and_failure_counters(
-    start_balancer: Callable[..., Awaitable[Balancer]], backends: list[RunningBackend]
+    start_balancer: Callable[..., Awaitable[Balancer]],
+    backends: list[RunningBackend],
+    pair_status: Callable[..., object],
 ) -> None:
     bal = await start(start_balancer, backends)
     one = bal.cluster.backends[f"{backends[0].host}:{backends[0].port}"]
@@ -128,7 +130,8 @@ async def test_backend_state_and_failure_counters(
     one.errors_connect, one.errors_response, one.retries, one.ejections = 2, 3, 4, 1
     one.check_duration = 0.25
     one.admin_state = "maint"
-    bal.role, bal.role_detail = "active", {"transitions": 2}
+    bal.role = "active"
+    bal.pair = pair_status({"transitions": 2})  # type: ignore[assignment]
     m = await scrape(bal)
     assert m[("lb_backend_errors_total", b(backends[0], kind="connect"))] == 2
     assert m[("lb_backend_errors_total", b(backends[0], kind="response"))] == 3

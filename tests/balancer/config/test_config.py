@@ -478,3 +478,39 @@ def test_config_package_imports_no_io_modules() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def test_the_one_hostport_parser_for_pair_addresses() -> None:
+    # the pair reads its addresses with this parser; config has refused bad ones already
+    assert split_hostport("[::1]:5405", "pair.peer", wildcard=False) == ("::1", 5405)
+    assert split_hostport("lb-a:1", "pair.peer", wildcard=False) == ("lb-a", 1)
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        split_hostport(":5405", "pair.peer", wildcard=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "pair.secret_file (--secret-file) is required in a pair"),
+        (
+            ["--secret-file", "/nonexistent/secret"],
+            "pair.secret_file (--secret-file) names a file that is not there: /nonexistent/secret",
+        ),
+        (["--peer", "127.0.0.1:5405", "--secret-file", "S"], "is this node itself"),
+        (["--peer", "nonsense", "--secret-file", "S"], "expected HOST:PORT, got 'nonsense'"),
+        (
+            ["--bind-election", "127.0.0.1:99999", "--secret-file", "S"],
+            "expected HOST:PORT, got '127.0.0.1:99999'",
+        ),
+    ],
+)
+def test_pair_settings_are_validated_once_here(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    base = ["--backend", "h:1", "--peer", "127.0.0.2:5405", "--bind-election", "127.0.0.1:5405"]
+    argv = base + [str(secret) if a == "S" else a for a in args]
+    with pytest.raises(ConfigError) as info:
+        from_args(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)

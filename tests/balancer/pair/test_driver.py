@@ -15,8 +15,6 @@ from balancer.pair.advert import AdvertCodec
 from balancer.pair.driver import (
     ElectionDriver,
     load_secret,
-    parse_hostport,
-    validate_pair_config,
 )
 from balancer.pair.election import Advert, ElectionConfig
 
@@ -41,58 +39,6 @@ def test_load_secret(tmp_path: Path, secret_file: Path) -> None:
         load_secret(empty)
     with pytest.raises(ValueError, match=r"^secret file .*nope not found$"):
         load_secret(tmp_path / "nope")
-
-
-def test_validate_pair_config_accepts_a_good_pair(secret_file: Path) -> None:
-    pair = validate_pair_config(
-        secret_file=secret_file,
-        bind="0.0.0.0:5405",
-        peer="172.20.0.12:5405",
-        node="172.20.0.11",
-    )
-    assert pair.bind == ("0.0.0.0", 5405) and pair.peer == ("172.20.0.12", 5405)
-    assert pair.secret == b"s3cret"
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"secret_file": None}, "secret file is required"),
-        ({"secret_file": "/nonexistent/secret"}, "secret file /nonexistent/secret not found"),
-        ({"peer": "127.0.0.1:5405"}, "peer 127.0.0.1:5405 is this node itself"),
-        ({"peer": "172.20.0.11:5405"}, "peer 172.20.0.11:5405 is this node itself"),
-        ({"peer": "nonsense"}, "address: expected HOST:PORT, got 'nonsense'"),
-        ({"bind": "127.0.0.1:99999"}, "address: expected HOST:PORT, got '127.0.0.1:99999'"),
-    ],
-)
-def test_validate_pair_config_errors(
-    secret_file: Path, overrides: dict[str, object], message: str
-) -> None:
-    kwargs: dict[str, object] = {
-        "secret_file": secret_file,
-        "bind": "127.0.0.1:5405",
-        "peer": "127.0.0.2:5405",
-        "node": "172.20.0.11",
-    }
-    kwargs.update(overrides)
-    with pytest.raises(ValueError) as info:
-        validate_pair_config(**kwargs)  # type: ignore[arg-type]
-    assert str(info.value) == message
-    assert "\n" not in str(info.value)
-
-
-def test_validate_pair_config_empty_secret(tmp_path: Path) -> None:
-    empty = tmp_path / "secret"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="is empty"):
-        validate_pair_config(secret_file=empty, bind="a:1", peer="b:1")
-
-
-def test_parse_hostport() -> None:
-    assert parse_hostport("[::1]:5405") == ("::1", 5405)
-    assert parse_hostport("lb-a:1") == ("lb-a", 1)
-    with pytest.raises(ValueError, match="expected HOST:PORT"):
-        parse_hostport(":5405")
 
 
 # ----- driver over real UDP -------------------------------------------------------------------

@@ -21,7 +21,6 @@ class FakeHost:
         self.listening = False
         self.healthy = healthy
         self.roles: list[tuple[BalancerRole, str]] = []
-        self.status: dict[str, Any] = {}
         self.bind_error: OSError | None = None
 
     async def start_listening(self) -> None:
@@ -37,9 +36,6 @@ class FakeHost:
 
     def report_role(self, role: BalancerRole, reason: str) -> None:
         self.roles.append((role, reason))
-
-    def report_pair_status(self, status: dict[str, Any]) -> None:
-        self.status = status
 
 
 def free_udp_ports(n: int) -> list[int]:
@@ -78,16 +74,16 @@ async def test_the_pair_drives_a_host_through_the_protocol_only(tmp_path: Path) 
     await lo.start()
     await hi.start()
     try:
-        await wait_until(lambda: hi_host.roles and lo_host.status.get("peer"))
+        await wait_until(lambda: hi_host.roles and lo.status().get("peer"))
         assert hi_host.roles[0][0] == "active" and hi_host.listening
         assert (hi.role, lo.role) == ("active", "passive")
         assert lo_host.roles == [] and not lo_host.listening
-        assert lo_host.status["mode"] == "local" and lo_host.status["transitions"] == 0
+        assert lo.status()["mode"] == "local" and lo.status()["transitions"] == 0
         # a clean stop of the active resigns: the passive takes over and binds
         await hi.stop()
         await wait_until(lambda: lo_host.roles)
         assert lo_host.roles == [("active", "peer stepped down")] and lo_host.listening
-        assert lo_host.status["transitions"] == 1
+        assert lo.status()["transitions"] == 1
     finally:
         await lo.stop()
         await hi.stop()
@@ -102,9 +98,9 @@ async def test_an_active_that_cannot_bind_says_so_in_its_status(tmp_path: Path) 
     role = PairRole(settings(port, peer, 150, secret), host)
     await role.start()  # alone: it becomes active after the master-down time
     try:
-        await wait_until(lambda: "listen_error" in host.status)
+        await wait_until(lambda: "listen_error" in role.status())
         assert host.roles and host.roles[0][0] == "active"
         assert not host.listening
-        assert "Address already in use" in host.status["listen_error"]
+        assert "Address already in use" in role.status()["listen_error"]
     finally:
         await role.stop()
