@@ -87,7 +87,7 @@ image:
 	if [ -z "$$base" ]; then \
 	  if docker image inspect python:3.12-slim >/dev/null 2>&1 \
 	     || timeout 60 docker pull -q python:3.12-slim >/dev/null 2>&1; then base=python:3.12-slim; \
-	  else tools/build-base-image.sh $(BASE_TAG) && base=$(BASE_TAG); fi; \
+	  else tools/build-base-image.sh $(BASE_TAG) || exit 1; base=$(BASE_TAG); fi; \
 	fi; \
 	echo "base image: $$base"; \
 	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
