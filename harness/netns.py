@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from harness.procs import StartError
+
 PREFIX = "lbt"
 _NS = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 _VETH = re.compile(r"^lv(\d+)h(\d+)$")
@@ -32,7 +34,7 @@ CMD_TIMEOUT_S = 10.0
 _counter = 0
 
 
-class NetNsError(RuntimeError):
+class NetNsError(StartError):
     """A namespace could not be made or removed; the message is one line."""
 
 
