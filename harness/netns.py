@@ -47,14 +47,16 @@ def require_tools(*tools: str) -> None:
             raise NetNsError(f"`{tool}` not found: install iproute2")
 
 
-def run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = CMD_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run one `ip`/`tc` command (bounded); NetNsError with its stderr's last line."""
     try:
         res = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT_S, check=False
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:
-        raise NetNsError(f"`{' '.join(argv)}` took over {CMD_TIMEOUT_S:.0f} s") from None
+        raise NetNsError(f"`{' '.join(argv)}` took over {timeout:.0f} s") from None
     except FileNotFoundError:
         raise NetNsError(f"`{argv[0]}` not found: install iproute2") from None
     if check and res.returncode != 0:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from harness.netns import NetNsError, require_tools, run
 
 COMPOSE_IMAGE = "lb-testbed:latest"  # our image has iproute2
+DOCKER_TIMEOUT_S = 60.0  # a helper container's start and exit
 
 
 class NetemUnavailable(NetNsError):
@@ -123,12 +124,14 @@ def compose_argv(
 
 
 def apply_compose(container: str, imp: Impairment, *, dev: str = "eth0") -> None:
-    """Impair a compose container's `dev` (its egress: the backend's responses)."""
+    """Impair a compose container's `dev` (its egress: the backend's responses). Written
+    for the compose drills; not yet exercised against a running compose stack."""
     try:
-        run(compose_argv(container, apply_argv(dev, imp)))
+        run(compose_argv(container, apply_argv(dev, imp)), timeout=DOCKER_TIMEOUT_S)
     except NetNsError as exc:
         raise NetNsError(f"netem in {container}: {exc}") from None
 
 
 def clear_compose(container: str, *, dev: str = "eth0") -> bool:
-    return run(compose_argv(container, clear_argv(dev)), check=False).returncode == 0
+    argv = compose_argv(container, clear_argv(dev))
+    return run(argv, check=False, timeout=DOCKER_TIMEOUT_S).returncode == 0

@@ -16,8 +16,10 @@ from harness.procs import REPO, python_env
 from loadtest.netem import (
     Impairment,
     NetemUnavailable,
+    apply_argv,
     apply_local,
     clear_local,
+    compose_argv,
     impaired,
     shown,
 )
@@ -39,6 +41,15 @@ def test_impairment_args() -> None:
     for bad in ({}, {"jitter_ms": 5}, {"loss_pct": 101}, {"delay_ms": -1}):
         with pytest.raises(ValueError):
             Impairment(**bad)
+
+
+def test_compose_helper_joins_the_backend_namespace_with_net_admin() -> None:
+    argv = compose_argv("abc123", apply_argv("eth0", Impairment(delay_ms=100)))
+    assert argv[:3] == ["docker", "run", "--rm"]
+    assert "container:abc123" in argv and "NET_ADMIN" in argv
+    # the helper's entrypoint is tc; the backend container itself gains no capability
+    assert argv[argv.index("--entrypoint") + 1] == "tc"
+    assert argv[-8:] == ["qdisc", "replace", "dev", "eth0", "root", "netem", "delay", "100ms"]
 
 
 @needs_root
