@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -169,7 +170,10 @@ def chaos_main(args: argparse.Namespace) -> int:
         procs=rec.procs,
         done={i: d.__dict__ for i, d in rec.done.items()},
     )
-    report["logs"] = str(workdir / "logs")
+    # the logs (and the run's CA) stay when something failed, for the post-mortem
+    report["logs"] = None if report["summary"]["ok"] else str(workdir / "logs")
+    if report["summary"]["ok"]:
+        shutil.rmtree(workdir, ignore_errors=True)
     out = args.json or Path("out/chaos.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
