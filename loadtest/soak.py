@@ -154,6 +154,8 @@ def chaos_main(args: argparse.Namespace) -> int:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         print("soak: interrupted; stack stopped", file=sys.stderr)
         return 130
     finally:

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness.netns import list_namespaces
+from harness.netns import list_namespaces, sweep_stale
 from harness.procs import REPO, python_env, wait_until
 from harness.stack import wait_gone
 from harness.traffic import Outcome
@@ -229,9 +230,10 @@ def test_interrupt_stops_every_child_and_removes_the_namespace(tmp_path: Path) -
         "--json", str(tmp_path / "c.json"),
     )  # fmt: skip
     try:
-        assert wait_until(lambda: "soak: stack up" in err.read_text(), 40, step=0.2), (
-            err.read_text()[-2000:]
-        )
+        # interrupted in the middle of the first event (a fault done, its restore pending)
+        assert wait_until(lambda: "s] #0 " in err.read_text(), 60, step=0.2), err.read_text()[
+            -2000:
+        ]
         pids = _pids(err)
         if os.geteuid() == 0:
             assert _left_namespaces(proc.pid)  # b3 runs in its own namespace
@@ -241,5 +243,32 @@ def test_interrupt_stops_every_child_and_removes_the_namespace(tmp_path: Path) -
         proc.kill()
     assert rc == 130, err.read_text()[-2000:]
     assert "interrupted" in err.read_text()
+    m = re.search(r"workdir (\S+)", err.read_text())
+    assert m and not Path(m.group(1)).exists()
     assert wait_gone(pids, 5.0) == []
     assert _left_namespaces(proc.pid) == []
+
+
+def test_a_killed_soak_leaves_children_that_die_and_a_namespace_that_is_swept(
+    tmp_path: Path,
+) -> None:
+    proc, err = _soak(
+        tmp_path, "--minutes", "1", "--rate", "20", "--events", "delay-backend,kill-backend",
+        "--json", str(tmp_path / "c.json"),
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: "soak: stack up" in err.read_text(), 40, step=0.2), (
+            err.read_text()[-2000:]
+        )
+        pids = _pids(err)
+    finally:
+        proc.kill()  # SIGKILL: the soak cleans nothing itself
+        proc.wait(10)
+    assert wait_gone(pids, 10.0) == []  # the kernel's parent-death signal stops them
+    if os.geteuid() == 0:
+        assert _left_namespaces(proc.pid)  # left behind ...
+        sweep_stale()  # ... until the next soak (or test) sweeps what dead owners left
+        assert _left_namespaces(proc.pid) == []
+    m = re.search(r"workdir (\S+)", err.read_text())
+    assert m and Path(m.group(1)).name.startswith("lb-chaos-")
+    shutil.rmtree(m.group(1), ignore_errors=True)  # what a killed soak could not remove
