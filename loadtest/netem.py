@@ -129,6 +129,8 @@ def apply_compose(container: str, imp: Impairment, *, dev: str = "eth0") -> None
     try:
         run(compose_argv(container, apply_argv(dev, imp)), timeout=DOCKER_TIMEOUT_S)
     except NetNsError as exc:
+        if "qdisc kind is unknown" in str(exc):
+            raise NetemUnavailable("the kernel has no netem qdisc (sch_netem)") from None
         raise NetNsError(f"netem in {container}: {exc}") from None
 
 

@@ -52,6 +52,7 @@ def test_compose_helper_joins_the_backend_namespace_with_net_admin() -> None:
     assert argv[-8:] == ["qdisc", "replace", "dev", "eth0", "root", "netem", "delay", "100ms"]
 
 
+@pytest.mark.netns
 @needs_root
 def test_namespace_veth_and_netem_life_cycle() -> None:
     with NetNs.create() as ns:
@@ -96,6 +97,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.netns
 @needs_root
 def test_sweep_removes_what_a_killed_owner_left() -> None:
     owner = subprocess.Popen(
@@ -120,6 +122,7 @@ def test_sweep_removes_what_a_killed_owner_left() -> None:
     assert host_if not in list_links()
 
 
+@pytest.mark.netns
 @needs_root
 def test_sweep_keeps_a_live_owners_namespace() -> None:
     with NetNs.create() as ns:
