@@ -72,11 +72,16 @@ drill: $(STAMP)
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
 		--plot out/drill-$(or $(SCENARIO),kill-backend).png
 
-# make soak [SOAK_MINUTES=10]
+# make soak [SOAK_MINUTES=10]; make soak CHAOS=1 [SOAK_MINUTES=60] [SEED=1]
 soak: $(STAMP)
 	mkdir -p out
+ifdef CHAOS
+	$(BIN)/python -m loadtest.soak --chaos --minutes $(or $(SOAK_MINUTES),60) \
+		--seed $(or $(SEED),1) --json out/chaos.json --md out/chaos.md --plot out/chaos.png
+else
 	$(BIN)/python -m loadtest.soak --minutes $(or $(SOAK_MINUTES),10) --json out/soak.json \
 		--plot out/soak.png
+endif
 
 # The Dockerfile defaults to python:3.12-slim; with no registry, build a Debian base locally.
 base-image:
