@@ -163,6 +163,8 @@ def compose_argv(
         f"container:{container}",
         "--cap-add",
         "NET_ADMIN",
+        "--user",  # the image runs as `lb`: NET_ADMIN only takes effect for root
+        "0",
         "--entrypoint",
         "tc",
         image,
@@ -170,17 +172,37 @@ def compose_argv(
     ]
 
 
-def apply_compose(container: str, imp: Impairment, *, dev: str = "eth0") -> None:
-    """Impair a compose container's `dev` (its egress: the backend's responses). Written
-    for the compose drills; not yet exercised against a running compose stack."""
-    try:
-        run(compose_argv(container, apply_argv(dev, imp)), timeout=DOCKER_TIMEOUT_S)
-    except NetNsError as exc:
-        if "qdisc kind is unknown" in str(exc):
-            raise NetemUnavailable("the kernel has no netem qdisc (sch_netem)") from None
-        raise NetNsError(f"netem in {container}: {exc}") from None
+def apply_compose(container: str, imp: Impairment, *, dev: str = "eth0") -> dict[str, Any]:
+    """Impair a compose container's `dev` (its egress: the backend's responses): netem, or
+    the nfqueue method without sch_netem (the image needs iptables). Written for the
+    compose drills; not yet exercised against a running compose stack."""
+    global _netem_ok
+    how = method()
+    if how != "nfqueue":
+        try:
+            run(compose_argv(container, apply_argv(dev, imp)), timeout=DOCKER_TIMEOUT_S)
+            _netem_ok = True
+            return {"method": "netem", "container": container, "impairment": asdict(imp)}
+        except NetNsError as exc:
+            if "qdisc kind is unknown" not in str(exc):
+                raise NetNsError(f"netem in {container}: {exc}") from None
+            if how == "netem":
+                raise NetemUnavailable("the kernel has no netem qdisc (sch_netem)") from None
+            _netem_ok = False
+    info = nfq_impair.apply_compose(
+        container,
+        delay_ms=imp.delay_ms,
+        jitter_ms=imp.jitter_ms,
+        loss_pct=imp.loss_pct,
+        rate_kbit=imp.rate_kbit,
+        image=COMPOSE_IMAGE,
+        dev=dev,
+    )
+    return {**info, "impairment": asdict(imp)}
 
 
 def clear_compose(container: str, *, dev: str = "eth0") -> bool:
-    argv = compose_argv(container, clear_argv(dev))
-    return run(argv, check=False, timeout=DOCKER_TIMEOUT_S).returncode == 0
+    if method() == "netem":
+        argv = compose_argv(container, clear_argv(dev))
+        return run(argv, check=False, timeout=DOCKER_TIMEOUT_S).returncode == 0
+    return nfq_impair.clear_compose(container, image=COMPOSE_IMAGE, dev=dev)

@@ -6,7 +6,8 @@ Used by `loadtest.impair` where the kernel has no sch_netem.
 
 It prints `ready` once bound. It is bounded: at most --max-len packets wait (more are
 dropped), it exits after --max-seconds, when its owner dies (PR_SET_PDEATHSIG, and a
-parent-pid check) and on SIGTERM/SIGINT, accepting what it still holds. The iptables
+parent-pid check; --owner 0 in a compose helper container, which `docker rm -f` stops)
+and on SIGTERM/SIGINT, accepting what it still holds. The iptables
 rule uses `--queue-bypass`, so packets flow (undelayed) whenever no holder is bound.
 """
 
@@ -36,7 +37,7 @@ def die_with_parent(owner: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != owner:
+    if owner and os.getppid() != owner:
         sys.exit(0)
 
 
@@ -92,7 +93,7 @@ class Holder:
                         self._verdict(msg.packet_id, False)
 
     def run(self, stop_at: float, owner: int, stopping: list[bool]) -> None:
-        while not stopping and time.monotonic() < stop_at and os.getppid() == owner:
+        while not stopping and time.monotonic() < stop_at and owner in (0, os.getppid()):
             now = time.monotonic()
             nxt = self.line.next_due()
             wait = POLL_S if nxt is None else min(POLL_S, max(0.0, nxt - now))
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter-ms", type=float, default=0.0)
     ap.add_argument("--max-len", type=int, default=10_000)
     ap.add_argument("--max-seconds", type=float, default=6 * 3600.0)
-    ap.add_argument("--owner", type=int, required=True, help="pid of the process to die with")
+    ap.add_argument(
+        "--owner",
+        type=int,
+        required=True,
+        help="pid of the process to die with; 0 in a helper container (docker rm -f stops it)",
+    )
     a = ap.parse_args(argv)
     if a.delay_ms < 0 or a.jitter_ms < 0 or a.max_len < 1 or not 0 <= a.queue < 65536:
         ap.error("delay/jitter must be >= 0, max-len >= 1, queue within 0..65535")

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness.netns import PREFIX, NetNsError, require_tools, run
@@ -88,11 +89,22 @@ def tbf_argv(t: Target, rate_kbit: int) -> list[str]:
     return argv if t.tc_netns is None else ["ip", "netns", "exec", t.tc_netns, *argv]
 
 
+def holder_args(delay_ms: float, jitter_ms: float, owner: int) -> list[str]:
+    """`python` arguments of one bounded holder (owner 0: in a helper container)."""
+    return ["-m", "loadtest.nfq_holder", "--queue", str(QUEUE), "--delay-ms", f"{delay_ms:g}",
+            "--jitter-ms", f"{jitter_ms:g}", "--max-len", str(HOLDER_MAX_LEN),
+            "--max-seconds", f"{HOLDER_MAX_S:g}", "--owner", str(owner)]  # fmt: skip
+
+
 def holder_argv(t: Target, delay_ms: float, jitter_ms: float, owner: int) -> list[str]:
-    return ["ip", "netns", "exec", t.netns, sys.executable, "-m", "loadtest.nfq_holder",
-            "--queue", str(QUEUE), "--delay-ms", f"{delay_ms:g}", "--jitter-ms",
-            f"{jitter_ms:g}", "--max-len", str(HOLDER_MAX_LEN), "--max-seconds",
-            f"{HOLDER_MAX_S:g}", "--owner", str(owner)]  # fmt: skip
+    return [
+        "ip",
+        "netns",
+        "exec",
+        t.netns,
+        sys.executable,
+        *holder_args(delay_ms, jitter_ms, owner),
+    ]
 
 
 _holders: dict[str, subprocess.Popen[str]] = {}  # namespace -> its running holder
@@ -211,3 +223,88 @@ def active(dev: str, *, netns: str | None = None) -> bool:
         return True
     ipt = ["ip", "netns", "exec", t.netns, "iptables", "-w", "5", "-S", t.hook]
     return CHAIN in run(ipt, check=False).stdout or "tbf" in _qdisc(t)
+
+
+# compose: the same from helper containers in a backend container's network namespace ----
+COMPOSE_LABEL = "org.lb-testbed.impair"
+DOCKER_TIMEOUT_S = 60.0
+
+
+def helper_argv(
+    container: str, entry: str, args: Sequence[str], *, image: str, holder: bool = False
+) -> list[str]:
+    """`docker run` of a helper (root, NET_ADMIN) in `container`'s network namespace; the
+    holder runs detached, named after the backend container, until `docker rm -f`."""
+    head = ["docker", "run", "--rm"]
+    if holder:
+        head += ["-d", "--name", holder_name(container)]
+    return [*head, "--network", f"container:{container}", "--cap-add", "NET_ADMIN",
+            "--user", "0", "--label", f"{COMPOSE_LABEL}={container}",
+            "--entrypoint", entry, image, *args]  # fmt: skip
+
+
+def holder_name(container: str) -> str:
+    return f"lbt-impair-{container[:12]}"
+
+
+def compose_rule_args(dev: str, *, loss_pct: float, delay: bool) -> list[list[str]]:
+    """iptables arguments (after -N): the egress of `dev`, the backend's responses, as
+    netem on the container's eth0 would impair."""
+    t = Target("-", "OUTPUT", ("-o", dev), dev, None)
+    return [argv[5:] for argv in rule_argvs(t, loss_pct=loss_pct, delay=delay)]
+
+
+def apply_compose(
+    container: str,
+    *,
+    delay_ms: float,
+    jitter_ms: float,
+    loss_pct: float,
+    rate_kbit: int,
+    image: str,
+    dev: str = "eth0",
+) -> dict[str, object]:
+    """The nfqueue method in a compose backend's namespace (the image needs iptables)."""
+    clear_compose(container, image=image, dev=dev)
+
+    def helper(entry: str, *args: str) -> None:
+        run(helper_argv(container, entry, args, image=image), timeout=DOCKER_TIMEOUT_S)
+
+    try:
+        if delay_ms:
+            args = holder_args(delay_ms, jitter_ms, 0)
+            argv = helper_argv(container, "python", args, image=image, holder=True)
+            run(argv, timeout=DOCKER_TIMEOUT_S)
+            logs = ["docker", "logs", holder_name(container)]
+            deadline = time.monotonic() + HOLDER_READY_S
+            while "ready" not in run(logs, check=False).stdout:
+                if time.monotonic() > deadline:
+                    raise NetNsError(f"nfqueue holder for {container}: not ready")
+                time.sleep(0.2)
+        helper("iptables", "-w", "5", "-N", CHAIN)
+        for args in compose_rule_args(dev, loss_pct=loss_pct, delay=bool(delay_ms)):
+            helper("iptables", *args)
+        if rate_kbit:
+            helper("tc", *tbf_argv(Target("-", "", (), dev, None), rate_kbit)[1:])
+    except BaseException:
+        clear_compose(container, image=image, dev=dev)
+        raise
+    return {"method": "nfqueue", "container": container, "rules": f"OUTPUT -o {dev}"}
+
+
+def clear_compose(container: str, *, image: str, dev: str = "eth0") -> bool:
+    """Stop the holder container, remove the rules and the tbf qdisc; idempotent."""
+
+    def helper(entry: str, *args: str) -> bool:
+        argv = helper_argv(container, entry, args, image=image)
+        return run(argv, check=False, timeout=DOCKER_TIMEOUT_S).returncode == 0
+
+    found = run(["docker", "rm", "-f", holder_name(container)], check=False).returncode == 0
+    for _ in range(10):
+        if not helper("iptables", "-w", "5", "-D", "OUTPUT", "-o", dev, "-j", CHAIN):
+            break
+        found = True
+    if helper("iptables", "-w", "5", "-F", CHAIN):
+        helper("iptables", "-w", "5", "-X", CHAIN)
+    found = helper("tc", "qdisc", "del", "dev", dev, "root") or found
+    return found
