@@ -14,19 +14,19 @@ and go with it; the holder dies with its owner; `clear()` removes all of it, ide
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-import select
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness.netns import PREFIX, NetNsError, require_tools, run
-from harness.procs import REPO, python_env
+from harness.procs import Child
 
 CHAIN = "LBT_IMPAIR"
 QUEUE = 0  # queues are per network namespace: one holder per namespace
@@ -107,41 +107,32 @@ def holder_argv(t: Target, delay_ms: float, jitter_ms: float, owner: int) -> lis
     ]
 
 
-_holders: dict[str, subprocess.Popen[str]] = {}  # namespace -> its running holder
+_holders: dict[str, Child] = {}  # namespace -> its running holder
 
 
-def _start_holder(t: Target, delay_ms: float, jitter_ms: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+def _log_path(netns: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"lbt-impair-{os.getpid()}" / f"{netns}.log"
+
+
+def _start_holder(t: Target, delay_ms: float, jitter_ms: float) -> Child:
+    """The holder as a harness child (own session, dies with us), ready once bound."""
+    holder = Child(
+        f"nfq_holder[{t.netns}]",
         holder_argv(t, delay_ms, jitter_ms, os.getpid()),
-        cwd=REPO,
-        env=python_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], HOLDER_READY_S)
-    line = proc.stdout.readline().strip() if ready else ""
-    if line != "ready":
-        _stop(proc)
-        err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
-        why = err[-1] if err else f"not ready within {HOLDER_READY_S:g} s"
+        _log_path(t.netns),
+    ).start()
+    if not holder.wait_output("ready", HOLDER_READY_S):
+        why = holder.last_words()
+        _stop(holder)
         raise NetNsError(f"nfqueue holder in {t.netns}: {why}")
-    return proc
+    return holder
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(HOLDER_STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(HOLDER_STOP_S)
-    for f in (proc.stdout, proc.stderr):
-        if f is not None:
-            f.close()
+def _stop(holder: Child) -> None:
+    holder.stop(grace=HOLDER_STOP_S)
+    with contextlib.suppress(OSError):
+        holder.log.unlink()
+        holder.log.parent.rmdir()  # the last of this process's holders
 
 
 def apply(
@@ -188,10 +179,10 @@ def clear(dev: str, *, netns: str | None = None) -> bool:
     """Remove the holder, the rules and the tbf qdisc of `dev`; False if none was there."""
     t = target_for(dev, netns)
     found = False
-    proc = _holders.pop(t.netns, None)
-    if proc is not None:
+    holder = _holders.pop(t.netns, None)
+    if holder is not None:
         found = True
-        _stop(proc)
+        _stop(holder)
     ipt = ["ip", "netns", "exec", t.netns, "iptables", "-w", "5"]
     for _ in range(10):  # one jump per apply; bounded in case of strays
         if run([*ipt, "-D", t.hook, *t.match, "-j", CHAIN], check=False).returncode != 0:
@@ -218,8 +209,8 @@ def active(dev: str, *, netns: str | None = None) -> bool:
         t = target_for(dev, netns)
     except NetNsError:
         return False
-    proc = _holders.get(t.netns)
-    if proc is not None and proc.poll() is None:
+    holder = _holders.get(t.netns)
+    if holder is not None and holder.alive:
         return True
     ipt = ["ip", "netns", "exec", t.netns, "iptables", "-w", "5", "-S", t.hook]
     return CHAIN in run(ipt, check=False).stdout or "tbf" in _qdisc(t)

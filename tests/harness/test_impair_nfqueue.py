@@ -12,8 +12,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +113,7 @@ def test_loss_shows_retransmits(ns: NetNs) -> None:
     ).stdout
     assert "statistic" in rules and "0.2" in rules
     _, retrans = send(ns.inner_ip, 1 << 20)
-    assert retrans > 0 and retrans >= retrans_before
+    assert retrans > retrans_before  # 20 % of the data segments dropped: resent
     assert clear_local(ns.host_if)
 
 
@@ -159,3 +161,4 @@ def test_sigkilled_owner_leaves_nothing_after_the_next_sweep() -> None:
     removed = sweep_stale()
     assert name in removed
     assert name not in list_namespaces() and host_if not in list_links()
+    assert not list(Path(tempfile.gettempdir()).glob(f"lbt-impair-{owner.pid}"))  # its log
