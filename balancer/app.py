@@ -32,8 +32,10 @@ from balancer.io.client import ClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
+from balancer.io.tcp import TcpClientProtocol, open_backend
 from balancer.io.transport import loop_batch
 from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
+from balancer.tcp.relay import TcpContext
 
 if TYPE_CHECKING:
     from balancer.admin.api import AdminServer, AdminState
@@ -117,7 +119,20 @@ class Balancer:
             proto=proto,
             access_log=self.access_log,
         )
-        self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
+        # one context per TCP-mode listener (each has its own accept_proxy)
+        self.tcp = [
+            TcpContext(
+                cfg,
+                lst,
+                self.cluster,
+                clock=self.clock,
+                open=open_backend,
+                access_log=self.access_log,
+            )
+            for lst in cfg.listeners
+            if lst.mode == "tcp"
+        ]
+        self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
         self.checks: ActiveChecks | None = None
         if cfg.health_check.enabled:
             self.checks = ActiveChecks(
@@ -185,22 +200,35 @@ class Balancer:
         """Bind the public listener(s). In a pair only the active calls this."""
         if self.listening:
             return
-        host, port = split_hostport(self.cfg.listen, "listen")
         ctx = self.ctx
         loop = self.loop
-        srv = await loop.create_server(
-            lambda: ClientProtocol(ctx),
-            host,
-            port,
-            ssl=self.tls_store.context if self.tls_store is not None else None,
-            ssl_handshake_timeout=5.0 if self.tls_store is not None else None,
-            reuse_address=True,
-            backlog=2048,
-        )
-        self.servers.append(srv)
+        tcp = iter(self.tcp)
+        https_port = 0
+        for lst in self.cfg.listeners:
+            host, port = split_hostport(lst.listen, "listen")
+            if lst.mode == "tcp":
+                tctx = next(tcp)
+                srv = await loop.create_server(
+                    lambda c=tctx: TcpClientProtocol(c),  # type: ignore[misc]
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=2048,
+                )
+            else:
+                srv = await loop.create_server(
+                    lambda: ClientProtocol(ctx),
+                    host,
+                    port,
+                    ssl=self.tls_store.context if self.tls_store is not None else None,
+                    ssl_handshake_timeout=5.0 if self.tls_store is not None else None,
+                    reuse_address=True,
+                    backlog=2048,
+                )
+                https_port = https_port or srv.sockets[0].getsockname()[1]
+            self.servers.append(srv)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")
-            https_port = srv.sockets[0].getsockname()[1]
             self.servers.append(
                 await loop.create_server(lambda: RedirectProtocol(https_port), rhost, rport)
             )
@@ -220,6 +248,16 @@ class Balancer:
         sock = self.servers[0].sockets[0]
         name = sock.getsockname()
         return name[0], name[1]
+
+    def bound(self) -> list[tuple[str, str, int]]:
+        """(scheme, host, port) of each public listener, in configuration order: `tcp` for
+        TCP mode, else `http` or `https`."""
+        http = "https" if self.tls_store is not None else "http"
+        out = []
+        for lst, srv in zip(self.cfg.listeners, self.servers, strict=False):
+            name = srv.sockets[0].getsockname()
+            out.append(("tcp" if lst.mode == "tcp" else http, name[0], name[1]))
+        return out
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, finish in-flight requests, resign, exit.
@@ -241,11 +279,17 @@ class Balancer:
         await self.stop_listening()
         ctx = self.ctx
         ctx.draining = True
+        for tctx in self.tcp:
+            tctx.draining = True
         deadline = self.loop.time() + self.cfg.timeouts.shutdown_grace
-        while self.loop.time() < deadline and any(
-            c.current is not None or c.tunnel is not None for c in ctx.clients
+        while self.loop.time() < deadline and (
+            any(c.current is not None or c.tunnel is not None for c in ctx.clients)
+            or any(t.relays for t in self.tcp)
         ):
             await asyncio.sleep(0.05)
+        for tctx in self.tcp:  # relayed connections still open at the end of the grace
+            for relay in list(tctx.relays):
+                relay.shutdown()
         closing: list[ClientPort] = []
         for conn in list(ctx.clients):
             ex = conn.current
@@ -369,6 +413,8 @@ class Balancer:
         if cfg.access_log != self.cfg.access_log:
             old, self.access_log = self.access_log, access_log_sink(cfg.access_log)
             self.ctx.access_log = self.access_log
+            for tctx in self.tcp:
+                tctx.access_log = self.access_log
             if old is not None:
                 old.close()
         if cfg.log_level != self.cfg.log_level:
@@ -376,6 +422,8 @@ class Balancer:
         if cfg.discover and not self.cfg.discover:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
         self.ctx.reconfigure(cfg)
+        for tctx in self.tcp:
+            tctx.reconfigure(cfg)
         self.pool.reconfigure(cfg.limits, cfg.timeouts)
         self.cfg = cfg
         cluster.invalidate()
