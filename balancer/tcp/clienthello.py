@@ -93,7 +93,8 @@ def _parse_hello(msg: bytes) -> Hello:
         return _invalid("truncated ClientHello")
     if r.left() == 0:
         return Hello("hello")  # no extensions: no server name
-    end = r.pos + r.u16()
+    length = r.u16()
+    end = r.pos + length
     if r.failed or end > len(msg):
         return _invalid("truncated extensions")
     sni: str | None = None
