@@ -526,6 +526,26 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
+        bound = self.bound() if self.listening else []
+        listener["all"] = [
+            {
+                "configured": lst.listen,
+                "mode": lst.mode,
+                "accept_proxy": list(lst.accept_proxy),
+                "bound": f"{b[1]}:{b[2]}" if i < len(bound) and (b := bound[i]) else None,
+            }
+            for i, lst in enumerate(self.cfg.listeners)
+        ]
+        listener["tcp"] = [
+            {
+                "open": t.stats.connections_open,
+                "total": t.stats.connections_total,
+                "refused": t.stats.refused,
+                "bytes_in": t.stats.bytes_in,
+                "bytes_out": t.stats.bytes_out,
+            }
+            for t in self.tcp
+        ]
         stats = self.stats
         return {
             "algorithm": cluster.algorithm,
@@ -571,6 +591,12 @@ class Balancer:
                         "duration_ms": round(b.check_duration * 1000, 2),
                     },
                     "latency_buckets": list(b.latency),
+                    "tcp": {
+                        "connections": b.tcp_connections,
+                        "bytes_in": b.tcp_bytes_in,
+                        "bytes_out": b.tcp_bytes_out,
+                        "seconds": round(b.tcp_seconds, 3),
+                    },
                     "discovered": b.discovered,
                 }
             )

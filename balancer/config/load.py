@@ -322,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--attempts", type=int, help="total attempts per request, first included (3)")
     p.add_argument("--check-path", help="active check path (default /healthz)")
+    p.add_argument(
+        "--check-type",
+        choices=("http", "tcp"),
+        help="http: GET the check path (default); tcp: a connect is enough",
+    )
     p.add_argument("--check-interval", type=float)
     p.add_argument("--check-timeout", type=float)
     p.add_argument("--check-rise", type=int)

@@ -118,6 +118,9 @@ class HealthCheckSettings:
     confirming one 0.2 s later."""
 
     path: str = setting("/healthz", live=False, flag="--check-path")
+    # "http": GET `path`, 2xx/3xx is up; "tcp": a connect is up (backends that do not
+    # speak plain HTTP, e.g. behind TLS passthrough)
+    type: str = setting("http", live=False, flag="--check-type")
     interval: float = setting(0.5, live=False, flag="--check-interval")
     fast_interval: float = setting(0.2, live=False)
     timeout: float = setting(0.5, live=False, flag="--check-timeout")

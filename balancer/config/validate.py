@@ -36,6 +36,8 @@ ZERO_MEANS_NONE = ("backend_max_idle", "queue_size", "max_request_body")
 
 
 def _name(key: str) -> str:
+    if "[" in key:  # an entry of a list of tables, e.g. listener[2].mode: no flag
+        return key
     flag = flag_of(key)
     return f"{key} ({flag})" if flag else key
 
@@ -174,6 +176,8 @@ def _validate_retries_checks_outlier(cfg: Config) -> None:
     _not_negative("retries.budget_ratio", r.budget_ratio)
     _not_negative("retries.budget_min_per_second", r.budget_min_per_second)
     h = cfg.health_check
+    if h.type not in ("http", "tcp"):
+        _fail("health_check.type", f"{h.type!r} is unknown; choose http or tcp")
     if not h.path.startswith("/"):
         _fail("health_check.path", f"must start with /, got {h.path!r}")
     _positive("health_check.interval", h.interval)

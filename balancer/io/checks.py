@@ -59,6 +59,20 @@ async def probe(
     return 200 <= status < 400, f"HTTP {status}"
 
 
+async def probe_tcp(host: str, port: int, timeout: float) -> tuple[bool, str]:
+    """A TCP check: the backend accepts a connection within `timeout`."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(asyncio.Protocol, host, port)
+    except TimeoutError:
+        return False, "timeout"
+    except OSError as exc:
+        return False, f"connect: {exc.strerror or exc}"
+    transport.close()
+    return True, "connected"
+
+
 class ActiveChecks:
     """One task per backend, running its `HealthChecker`."""
 
@@ -106,14 +120,17 @@ class ActiveChecks:
         while True:
             await asyncio.sleep(delay)
             started = loop.time()
-            ok, detail = await probe(
-                backend.host,
-                backend.port,
-                self.config.path,
-                self.config.timeout,
-                self.ssl_ctx,
-                self.server_name,
-            )
+            if self.config.type == "tcp":
+                ok, detail = await probe_tcp(backend.host, backend.port, self.config.timeout)
+            else:
+                ok, detail = await probe(
+                    backend.host,
+                    backend.port,
+                    self.config.path,
+                    self.config.timeout,
+                    self.ssl_ctx,
+                    self.server_name,
+                )
             now = loop.time()
             backend.check_duration = now - started
             first = backend.last_check is None
