@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -28,9 +29,10 @@ from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, 
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
-from balancer.io.client import ClientProtocol
+from balancer.io.client import ClientProtocol, ProxiedClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.names import reverse_replica_name
+from balancer.io.proxied import ProxiedServer, listening_socket
 from balancer.io.sweeper import Sweeper
 from balancer.io.tcp import TcpClientProtocol, open_backend
 from balancer.io.transport import loop_batch
@@ -142,14 +144,21 @@ class Balancer:
                 self.backend_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
+                proxy_of=self._proxy_of,
             )
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | ProxiedServer] = []
         self.listening = False
         self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
         self.tasks: list[asyncio.Task[Any]] = []
         self.admin: AdminServer | None = None
         self.pair: PairRole | None = None
         self.stopping = False
+
+    def _proxy_of(self, backend_id: str) -> str | None:
+        """The PROXY version a TCP listener sends this backend (its checks send one too)."""
+        if not self.tcp:
+            return None
+        return self.tcp[0].proxy_of.get(backend_id, self.cfg.proxy_protocol)
 
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)
@@ -206,6 +215,7 @@ class Balancer:
         https_port = 0
         for lst in self.cfg.listeners:
             host, port = split_hostport(lst.listen, "listen")
+            srv: asyncio.Server | ProxiedServer
             if lst.mode == "tcp":
                 tctx = next(tcp)
                 srv = await loop.create_server(
@@ -215,6 +225,15 @@ class Balancer:
                     reuse_address=True,
                     backlog=2048,
                 )
+            elif lst.accept_proxy:
+                srv = ProxiedServer(
+                    listening_socket(host, port),
+                    lambda ip, _peer: ProxiedClientProtocol(ctx, ip),
+                    tuple(ipaddress.ip_network(c, strict=False) for c in lst.accept_proxy),
+                    self.tls_store.context if self.tls_store is not None else None,
+                    self.cfg.timeouts.client_hello,
+                )
+                https_port = https_port or srv.sockets[0].getsockname()[1]
             else:
                 srv = await loop.create_server(
                     lambda: ClientProtocol(ctx),

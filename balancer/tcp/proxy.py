@@ -52,6 +52,13 @@ def encode(version: str, source: tuple[str, int], dest: tuple[str, int]) -> byte
     return V2_SIGNATURE + bytes((_V2_CMD_PROXY, fam)) + len(body).to_bytes(2) + body
 
 
+def encode_local(version: str) -> bytes:
+    """A header that carries no client address: the balancer's own connections (checks)."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    return V2_SIGNATURE + bytes((_V2_CMD_LOCAL, _FAM_UNSPEC)) + b"\x00\x00"
+
+
 def _as_v6(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
     if isinstance(addr, ipaddress.IPv6Address):
         return addr
