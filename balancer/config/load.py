@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"seconds (default {name.default})",
         )
     p.add_argument("--attempts", type=int, help="total attempts per request, first included (3)")
+    p.add_argument(
+        "--retry-interval",
+        type=float,
+        help="TCP mode: seconds before connecting to the same backend again (0.15)",
+    )
     p.add_argument("--check-path", help="active check path (default /healthz)")
     p.add_argument(
         "--check-type",

@@ -143,6 +143,8 @@ class RetrySettings:
     attempts: int = setting(3, live=True, flag="--attempts")  # total tries, first included
     budget_ratio: float = setting(0.2, live=True)
     budget_min_per_second: float = setting(5.0, live=True)
+    # TCP mode: the pause before trying the same backend again (when no other is left)
+    interval: float = setting(0.15, live=True, flag="--retry-interval")
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ def _validate_retries_checks_outlier(cfg: Config) -> None:
     _at_least_one("retries.attempts", r.attempts)
     _not_negative("retries.budget_ratio", r.budget_ratio)
     _not_negative("retries.budget_min_per_second", r.budget_min_per_second)
+    _not_negative("retries.interval", r.interval)
     h = cfg.health_check
     if h.type not in ("http", "tcp"):
         _fail("health_check.type", f"{h.type!r} is unknown; choose http or tcp")

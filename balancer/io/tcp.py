@@ -87,13 +87,15 @@ class TcpBackendProtocol(asyncio.Protocol):
         self.relay.backend_lost(exc is not None)
 
 
-def open_backend(relay: Relay, backend: Backend, timeout: float) -> None:
-    """The context's `open`: connect within `timeout`, then tell the relay."""
-    asyncio.get_running_loop().create_task(_connect(relay, backend, timeout))
+def open_backend(relay: Relay, backend: Backend, timeout: float, delay: float) -> None:
+    """The context's `open`: after `delay`, connect within `timeout`, then tell the relay."""
+    asyncio.get_running_loop().create_task(_connect(relay, backend, timeout, delay))
 
 
-async def _connect(relay: Relay, backend: Backend, timeout: float) -> None:
+async def _connect(relay: Relay, backend: Backend, timeout: float, delay: float) -> None:
     loop = asyncio.get_running_loop()
+    if delay:
+        await asyncio.sleep(delay)
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(

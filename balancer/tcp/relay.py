@@ -81,13 +81,14 @@ class TcpContext:
         cluster: Cluster,
         *,
         clock: Callable[[], float],
-        open: Callable[[Relay, Backend, float], None],
+        open: Callable[[Relay, Backend, float, float], None],
         access_log: Callable[[str], None] | None = None,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.clock = clock
-        self.open = open  # the driver: connect to the backend within the timeout given
+        # the driver: connect to the backend within the timeout, after the delay, given
+        self.open = open
         self.access_log = access_log
         self.wallclock = wallclock
         self.listener = listener
@@ -103,6 +104,7 @@ class TcpContext:
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
         self.attempts = cfg.retries.attempts
+        self.retry_interval = cfg.retries.interval
         self.hash_sni = cfg.hash_key == "sni"
         self.sni_routing = any(b.sni for b in cfg.backends)
         self.proxy_of = {b.id: cfg.backend_proxy(b) for b in cfg.backends}
@@ -376,10 +378,12 @@ class Relay:
             else:
                 self._refuse("no backend available")
             return
+        # the same backend again (the only one left): give it a moment, e.g. a VIP moving
+        delay = ctx.retry_interval if backend.id in self.tried else 0.0
         self.backend = backend
         self.tried.append(backend.id)
         backend.in_flight += 1  # least connections counts open connections
-        ctx.open(self, backend, ctx.timeouts.connect)
+        ctx.open(self, backend, ctx.timeouts.connect, delay)
 
     def _refuse(self, reason: str) -> None:
         self.ctx.stats.refused += 1

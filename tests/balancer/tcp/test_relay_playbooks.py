@@ -72,14 +72,16 @@ class Book:
             outlier=self.cfg.outlier,
             retries=self.cfg.retries,
         )
-        self.connects: list[tuple[Relay, Backend, float]] = []
+        self.connects: list[tuple[Relay, Backend, float, float]] = []
         self.log: list[dict[str, Any]] = []
         self.ctx = TcpContext(
             self.cfg,
             listener,
             self.cluster,
             clock=lambda: self.now,
-            open=lambda relay, backend, timeout: self.connects.append((relay, backend, timeout)),
+            open=lambda relay, backend, timeout, delay: self.connects.append(
+                (relay, backend, timeout, delay)
+            ),
             access_log=lambda line: self.log.append(json.loads(line)),
             wallclock=lambda: 0.0,
         )
@@ -90,13 +92,13 @@ class Book:
 
     def connect(self) -> tuple[Backend, FakeEnd]:
         """Complete the oldest connect asked for."""
-        relay, backend, _ = self.connects.pop(0)
+        relay, backend, _, _ = self.connects.pop(0)
         end = FakeEnd()
         relay.backend_connected(end)
         return backend, end
 
     def refuse(self, kind: str = "connect") -> Backend:
-        relay, backend, _ = self.connects.pop(0)
+        relay, backend, _, _ = self.connects.pop(0)
         relay.connect_failed(kind)
         return backend
 
@@ -172,6 +174,7 @@ def test_refused_connect_is_retried_on_another_backend() -> None:
     relay.client_data(b"hello")
     first = book.refuse()
     assert first.errors_connect == 1 and first.in_flight == 0 and first.retries == 1
+    assert book.connects[0][3] == 0.0  # another backend: at once
     second, up = book.connect()
     assert second.id != first.id and up.written() == b"hello"
     assert book.log == [] and not client.closed
@@ -182,9 +185,13 @@ def test_refused_connect_is_retried_on_another_backend() -> None:
 def test_the_only_backend_is_tried_again_within_attempts_then_the_client_is_closed() -> None:
     book = Book([A])
     _relay, client = book.accept()
+    delays = []
     for _ in range(book.cfg.retries.attempts):
         assert book.connects[0][1].id == "a"
+        delays.append(book.connects[0][3])
         book.refuse("timeout")
+    interval = book.cfg.retries.interval
+    assert delays == [0.0] + [interval] * (book.cfg.retries.attempts - 1)
     assert book.connects == [] and client.names() == ["close"]
     assert book.log[0]["outcome"] == "backend timeout failed"
     assert book.cluster.backends["a"].in_flight == 0
