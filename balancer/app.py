@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import socket
@@ -29,12 +28,11 @@ from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, 
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
-from balancer.io.client import ClientProtocol, ProxiedClientProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
+from balancer.io.listeners import Server, bind_listeners
 from balancer.io.names import reverse_replica_name
-from balancer.io.proxied import ProxiedServer, listening_socket
 from balancer.io.sweeper import Sweeper
-from balancer.io.tcp import TcpClientProtocol, open_backend
+from balancer.io.tcp import open_backend
 from balancer.io.transport import loop_batch
 from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
 from balancer.tcp.relay import TcpContext
@@ -146,7 +144,7 @@ class Balancer:
                 on_down=self._rescue,
                 proxy_of=self._proxy_of,
             )
-        self.servers: list[asyncio.Server | ProxiedServer] = []
+        self.servers: list[Server] = []
         self.listening = False
         self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
         self.tasks: list[asyncio.Task[Any]] = []
@@ -209,43 +207,10 @@ class Balancer:
         """Bind the public listener(s). In a pair only the active calls this."""
         if self.listening:
             return
-        ctx = self.ctx
+        tls = self.tls_store.context if self.tls_store is not None else None
+        self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls)
         loop = self.loop
-        tcp = iter(self.tcp)
-        https_port = 0
-        for lst in self.cfg.listeners:
-            host, port = split_hostport(lst.listen, "listen")
-            srv: asyncio.Server | ProxiedServer
-            if lst.mode == "tcp":
-                tctx = next(tcp)
-                srv = await loop.create_server(
-                    lambda c=tctx: TcpClientProtocol(c),  # type: ignore[misc]
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=2048,
-                )
-            elif lst.accept_proxy:
-                srv = ProxiedServer(
-                    listening_socket(host, port),
-                    lambda ip, _peer: ProxiedClientProtocol(ctx, ip),
-                    tuple(ipaddress.ip_network(c, strict=False) for c in lst.accept_proxy),
-                    self.tls_store.context if self.tls_store is not None else None,
-                    self.cfg.timeouts.client_hello,
-                )
-                https_port = https_port or srv.sockets[0].getsockname()[1]
-            else:
-                srv = await loop.create_server(
-                    lambda: ClientProtocol(ctx),
-                    host,
-                    port,
-                    ssl=self.tls_store.context if self.tls_store is not None else None,
-                    ssl_handshake_timeout=5.0 if self.tls_store is not None else None,
-                    reuse_address=True,
-                    backlog=2048,
-                )
-                https_port = https_port or srv.sockets[0].getsockname()[1]
-            self.servers.append(srv)
+        https_port = next((p for scheme, _, p in self.bound() if scheme != "tcp"), 0)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")
             self.servers.append(
