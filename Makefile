@@ -41,11 +41,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1]
+# make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1] [MODE=tcp [TCP_PORT=8081]]
 #            [LISTEN_PORT=8080] [ADMIN_PORTS=9000 | with PAIR=1: 9001,9002] [BACKEND_PORTS=9101,9102,9103]
 #            [ELECTION_PORTS=7946,7947]  (UDP, PAIR=1 only)
 local: $(STAMP)
 	$(BIN)/python -m loadtest.local $(if $(ALGORITHM),--algorithm $(ALGORITHM)) \
+		$(if $(MODE),--mode $(MODE)) $(if $(TCP_PORT),--tcp-port $(TCP_PORT)) \
 		$(if $(TLS),--tls) $(if $(PAIR),--pair) $(if $(LISTEN_PORT),--listen-port $(LISTEN_PORT)) \
 		$(if $(ADMIN_PORTS),--admin-ports $(ADMIN_PORTS)) \
 		$(if $(BACKEND_PORTS),--backend-ports $(BACKEND_PORTS)) \

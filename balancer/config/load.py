@@ -81,6 +81,22 @@ def parse_backend(value: str) -> BackendSpec:
     return BackendSpec(host, port, weight, backup, name, tuple(sni) if sni else None, proxy)
 
 
+def parse_listener(value: str) -> ListenerSettings:
+    """`H:P[,mode=http|tcp][,accept_proxy=CIDR]...` as on the command line."""
+    listen, *opts = value.split(",")
+    mode = "http"
+    cidrs: list[str] = []
+    for opt in opts:
+        key, _, val = opt.partition("=")
+        if key == "mode":
+            mode = val  # checked in validate()
+        elif key in ("accept_proxy", "accept-proxy"):
+            cidrs.append(val)
+        else:
+            raise ConfigError(f"listener: unknown option {opt!r} in {value!r}")
+    return ListenerSettings(listen, mode, tuple(cidrs))
+
+
 # --- TOML ------------------------------------------------------------------------------------
 
 
@@ -261,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the listener balances requests (http, default) or connections (tcp)",
     )
     p.add_argument(
+        "--listener",
+        action="append",
+        default=[],
+        metavar="H:P[,mode=tcp][,accept_proxy=CIDR]...",
+        help="another listener after --listen; repeat for more (TOML: [[listener]] tables)",
+    )
+    p.add_argument(
         "--accept-proxy",
         metavar="CIDR[,CIDR]",
         help="accept a PROXY v1/v2 header from these sources only (and require it)",
@@ -357,6 +380,7 @@ def _rewrite_deprecated(argv: list[str], warn: Warn) -> list[str]:
 # flags that do more than set one field to the value given; from_args handles them by hand
 _BY_HAND = {
     "--backend",
+    "--listener",
     "--discover",
     "--tls-cert",
     "--no-checks",
@@ -400,6 +424,8 @@ def from_args(argv: list[str] | None = None, warn: Warn = warn_stderr) -> Config
         top["backends"] = tuple(parse_backend(b) for b in args.backend)
     if args.discover:
         top["discover"] = tuple(args.discover)
+    if args.listener:
+        top["more_listeners"] = tuple(parse_listener(v) for v in args.listener)
     if args.accept_proxy is not None:
         top["accept_proxy"] = tuple(c.strip() for c in args.accept_proxy.split(",") if c.strip())
     if len(args.tls_cert) != len(args.tls_key):

@@ -202,7 +202,7 @@ class Config:
     mode: str = setting("http", live=False, flag="--mode")  # of the first listener
     accept_proxy: tuple[str, ...] = setting((), live=False, flag="--accept-proxy")
     # the listeners after the first (TOML [[listener]] tables 2..n)
-    more_listeners: tuple[ListenerSettings, ...] = setting((), live=False)
+    more_listeners: tuple[ListenerSettings, ...] = setting((), live=False, flag="--listener")
     # default PROXY protocol header to backends ("v1"/"v2"); a backend's own wins
     proxy_protocol: str | None = setting(live=True, flag="--proxy-protocol")
     backends: tuple[BackendSpec, ...] = setting((), live=True, flag="--backend")

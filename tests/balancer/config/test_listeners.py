@@ -46,6 +46,16 @@ accept_proxy = "172.16.0.0/12"
     assert [lst.listen for lst in cfg.listeners] == ["127.0.0.1:1", "127.0.0.1:9443"]  # type: ignore[attr-defined]
 
 
+def test_listener_flag_adds_listeners() -> None:
+    cfg = from_args(
+        ["--backend", "h:1", "--listen", ":1", "--listener", ":2,mode=tcp,accept_proxy=10.0.0.0/8"]
+    )
+    assert [(lst.listen, lst.mode) for lst in cfg.listeners] == [(":1", "http"), (":2", "tcp")]
+    assert cfg.listeners[1].accept_proxy == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError, match="unknown option 'tls'"):
+        from_args(["--backend", "h:1", "--listener", ":2,tls"])
+
+
 def test_backend_options() -> None:
     cfg = from_args(
         [
