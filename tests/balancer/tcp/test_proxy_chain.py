@@ -118,3 +118,34 @@ async def test_a_header_from_another_source_is_refused(start_balancer, make_back
     assert await exchange(address(bal), encode("v1", REAL, ("127.0.0.1", 1)) + GET) == b""
     answer = echo(await exchange(address(bal), GET))  # no header: served as usual
     assert ["X-Forwarded-For", "127.0.0.1"] in answer["headers"]
+
+
+async def test_a_header_split_over_segments_is_read_whole(start_balancer, make_backend):  # type: ignore[no-untyped-def]
+    plain = await make_backend("plain")
+    bal = await start_balancer([plain], accept_proxy=("127.0.0.0/8",))
+    header = encode("v2", REAL, ("127.0.0.1", 1))
+    reader, writer = await asyncio.open_connection(*address(bal))
+    writer.write(header[:7])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(header[7:] + GET)
+    answer = echo(await asyncio.wait_for(reader.read(), IO))
+    writer.close()
+    assert ["X-Forwarded-For", REAL[0]] in answer["headers"]
+
+
+async def test_a_silent_trusted_client_is_closed_after_the_preface_timeout(  # type: ignore[no-untyped-def]
+    start_balancer, make_backend
+):
+    plain = await make_backend("plain")
+    bal = await start_balancer(
+        [plain], accept_proxy=("127.0.0.0/8",), timeouts={"client_hello": 0.3}
+    )
+    reader, writer = await asyncio.open_connection(*address(bal))
+    writer.write(b"PROXY TCP4 192.0.2.1")  # never finished
+    try:  # closed with our bytes unread: a reset, or a plain end
+        assert await asyncio.wait_for(reader.read(), IO) == b""
+    except ConnectionResetError:
+        pass
+    writer.close()
+    assert bal.servers[0].refused == 1
