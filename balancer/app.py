@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from balancer.admin.views import backend_rows, listener_rows
 from balancer.config import (
     ALGORITHMS,
     BackendSpec,
@@ -510,26 +511,9 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
-        bound = self.bound() if self.listening else []
-        listener["all"] = [
-            {
-                "configured": lst.listen,
-                "mode": lst.mode,
-                "accept_proxy": list(lst.accept_proxy),
-                "bound": f"{b[1]}:{b[2]}" if i < len(bound) and (b := bound[i]) else None,
-            }
-            for i, lst in enumerate(self.cfg.listeners)
-        ]
-        listener["tcp"] = [
-            {
-                "open": t.stats.connections_open,
-                "total": t.stats.connections_total,
-                "refused": t.stats.refused,
-                "bytes_in": t.stats.bytes_in,
-                "bytes_out": t.stats.bytes_out,
-            }
-            for t in self.tcp
-        ]
+        listener["all"] = listener_rows(
+            self.cfg.listeners, self.bound() if self.listening else [], self.tcp
+        )
         stats = self.stats
         return {
             "algorithm": cluster.algorithm,
@@ -547,41 +531,4 @@ class Balancer:
         }
 
     def backend_view(self) -> list[dict[str, Any]]:
-        cluster = self.cluster
-        out = []
-        for b in cluster.backends.values():
-            connections, idle = self.pool.counts(b.id)
-            out.append(
-                {
-                    "id": b.id,  # the name; kept for API clients that read `id`
-                    "name": b.id,
-                    "address": b.address,
-                    "state": cluster.state_of(b),
-                    "admin_state": b.admin_state,
-                    "backup": b.backup,
-                    "weight": b.configured_weight,
-                    "effective_weight": round(b.weight, 3),
-                    "in_flight": b.in_flight,
-                    "connections": connections,
-                    "idle_connections": idle,
-                    "requests": b.requests,
-                    "responses": {f"{i}xx": n for i, n in enumerate(b.responses) if i},
-                    "errors": {"connect": b.errors_connect, "response": b.errors_response},
-                    "retries": b.retries,
-                    "ejections": b.ejections,
-                    "last_check": {
-                        "ok": b.last_check,
-                        "detail": b.check_detail,
-                        "duration_ms": round(b.check_duration * 1000, 2),
-                    },
-                    "latency_buckets": list(b.latency),
-                    "tcp": {
-                        "connections": b.tcp_connections,
-                        "bytes_in": b.tcp_bytes_in,
-                        "bytes_out": b.tcp_bytes_out,
-                        "seconds": round(b.tcp_seconds, 3),
-                    },
-                    "discovered": b.discovered,
-                }
-            )
-        return out
+        return backend_rows(self.cluster, self.pool.counts)
