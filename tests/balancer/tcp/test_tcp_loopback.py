@@ -115,24 +115,32 @@ async def test_a_refused_backend_is_skipped(start_balancer, make_backend):  # ty
 
 async def test_hostile_prefaces_are_refused_others_served(start_balancer, make_backend):  # type: ignore[no-untyped-def]
     a = await make_backend("a")
-    spec = BackendSpec(a.host, a.port, name="a", sni=("a.test",))
     bal = await start_balancer(
-        [spec, BackendSpec("127.0.0.1", closed_port(), name="x", sni=("*.x.test",))],
+        [
+            BackendSpec("127.0.0.1", closed_port(), name="x", sni=("*.x.test",)),
+            BackendSpec(a.host, a.port, name="plain"),  # takes what no name matches
+        ],
         mode="tcp",
         accept_proxy=("10.0.0.0/8",),
     )
     addr = tcp_address(bal)
-    # a PROXY header from a source outside accept_proxy
-    reader, writer = await asyncio.open_connection(*addr)
-    writer.write(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET / HTTP/1.1\r\n\r\n")
-    assert await asyncio.wait_for(reader.read(), IO) == b""
-    writer.close()
-    # a hostile ClientHello
-    reader, writer = await asyncio.open_connection(*addr)
-    writer.write(b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\xff\xff\xff\xff")
-    assert await asyncio.wait_for(reader.read(), IO) == b""
-    writer.close()
-    assert bal.tcp[0].stats.refused == 2
+    hostile = [
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET / HTTP/1.1\r\n\r\n",  # not a trusted source
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12),  # the same, v2
+        b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\xff\xff\xff\xff",  # a broken ClientHello
+        b"\x16\x03\x01\xff\xff" + b"\x01" * 100,  # a record longer than TLS allows
+    ]
+    for data in hostile:
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(data)
+        try:
+            assert await asyncio.wait_for(reader.read(), IO) == b""
+        except ConnectionResetError:
+            pass  # closed with our bytes unread
+        writer.close()
+    assert bal.tcp[0].stats.refused == len(hostile)
+    # everyone else is served, before and after
+    assert await keepalive_backends(addr, 3) == ["a", "a", "a"]
 
 
 # ---------------------------------------------------------------- passthrough with curl
