@@ -93,12 +93,12 @@ class LocalStack:
         listen_port: int = LISTEN_PORT,
         admin_ports: tuple[int, int] = ADMIN_PORTS,
         election_ports: tuple[int, int] = ELECTION_PORTS,
+        tcp_port: int | None = None,
         workdir: Path | None = None,
         pki_dir: Path | None = None,
         check_interval: float | None = None,
         balancer_args: tuple[str, ...] = (),
         ready_timeout: float = 20.0,
-        tcp_port: int | None = None,
     ) -> None:
         if algorithm not in ALGORITHMS:
             raise StackError(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
