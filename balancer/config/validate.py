@@ -107,6 +107,11 @@ def _validate_listeners(cfg: Config) -> None:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 _fail(akey, f"must be CIDRs such as 10.0.0.0/8, got {cidr!r}")
+    wants_proxy = cfg.proxy_protocol is not None or any(b.proxy_protocol for b in cfg.backends)
+    if wants_proxy and all(lst.mode != "tcp" for lst in cfg.listeners):
+        # an HTTP listener pools backend connections across clients: it sends
+        # X-Forwarded-For, never a PROXY header
+        _fail("proxy_protocol", "needs a TCP-mode listener (--mode tcp)")
     if cfg.proxy_protocol is not None and cfg.proxy_protocol not in PROXY_VERSIONS:
         _fail("proxy_protocol", f"{cfg.proxy_protocol!r} is unknown; choose v1 or v2")
     for b in cfg.backends:

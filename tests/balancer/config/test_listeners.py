@@ -61,7 +61,7 @@ def test_backend_options() -> None:
         [
             "--backend", "a:443,sni=a.test,sni=*.a.test,proxy_protocol=v2",
             "--backend", "b:443",
-            "--proxy-protocol", "v1",
+            "--proxy-protocol", "v1", "--mode", "tcp",
         ]
     )  # fmt: skip
     a, b = cfg.backends
@@ -70,7 +70,10 @@ def test_backend_options() -> None:
 
 
 def test_toml_backend_sni(tmp_path: Path) -> None:
-    cfg = load(tmp_path, 'backends = [{address = "a:1", sni = ["x.test"], proxy_protocol = "v1"}]')
+    cfg = load(
+        tmp_path,
+        'mode = "tcp"\nbackends = [{address = "a:1", sni = ["x.test"], proxy_protocol = "v1"}]',
+    )
     assert cfg.backends[0].sni == ("x.test",)  # type: ignore[attr-defined]
 
 
@@ -81,7 +84,11 @@ def test_toml_backend_sni(tmp_path: Path) -> None:
         (["--accept-proxy", "10.0.0.0/33"], "accept_proxy (--accept-proxy) must be CIDRs"),
         (["--backend", "c:1,sni=Bad_Name"], "sni 'Bad_Name' is invalid"),
         (["--backend", "c:1,sni=*"], "sni '*' is invalid"),
-        (["--backend", "c:1,proxy_protocol=v3"], "proxy_protocol 'v3': choose v1 or v2"),
+        (
+            ["--mode", "tcp", "--backend", "c:1,proxy_protocol=v3"],
+            "proxy_protocol 'v3': choose v1 or v2",
+        ),
+        (["--proxy-protocol", "v2"], "proxy_protocol (--proxy-protocol) needs a TCP-mode"),
         (["--check-type", "udp"], "argument --check-type: invalid choice"),
     ],
 )
@@ -115,3 +122,5 @@ def test_listener_changes_need_a_restart() -> None:
     new = from_args(["--backend", "h:1", "--mode", "tcp", "--proxy-protocol", "v2"])
     result = diff(old, new)
     assert result.restart_needed == ["mode"] and result.applied == ["proxy_protocol"]
+    newer = from_args(["--backend", "h:1", "--listener", ":9,mode=tcp"])
+    assert diff(old, newer).restart_needed == ["more_listeners"]
