@@ -10,6 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 from hellos import client_hello
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balancer.config import BackendSpec, Config, ListenerSettings
 from balancer.lb.cluster import Backend, Cluster
@@ -373,3 +375,37 @@ def test_overload_and_draining_refuse_at_once() -> None:
     book.ctx.draining = True
     _, client = book.accept()
     assert client.names() == ["close"] and book.connects == []
+
+
+# ---------------------------------------------------------------- hostile prefaces, fuzzed
+
+PREFIXES = [
+    b"",
+    encode("v1", ("192.0.2.1", 1), LOCAL),
+    encode("v2", ("192.0.2.1", 1), LOCAL),
+    client_hello("www.example.test")[:40],
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(PREFIXES),
+    st.lists(st.binary(max_size=300), max_size=6),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_preface_ends_in_a_connect_or_a_close(
+    prefix: bytes, chunks: list[bytes], trusted: bool, eof: bool
+) -> None:
+    listener = TRUSTING if trusted else ListenerSettings(mode="tcp")
+    book = Book([WWW, DEFAULT], listener=listener)
+    relay, client = book.accept()
+    for chunk in [prefix, *chunks]:
+        relay.client_data(chunk)
+    if eof:
+        relay.client_eof_received()
+    book.sweep(book.cfg.timeouts.client_hello + 1)  # the preface deadline has passed
+    decided = bool(book.connects) or client.closed
+    assert decided and relay.state in ("connecting", "closed")
+    if relay.state == "closed":  # refused before any backend: nothing was relayed
+        assert book.log[-1]["backend"] is None and relay.bytes_in == 0
