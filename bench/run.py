@@ -46,6 +46,7 @@ class Mode:
     tls: bool
     close: bool  # one request per connection
     loadgen: str = "wrk"  # or "handshake": bench.handshake_load, never resumes TLS sessions
+    tcp: bool = False  # the proxy balances connections (layer 4) and relays bytes
 
 
 MODES = {
@@ -56,9 +57,13 @@ MODES = {
         Mode("https-handshakes", tls=True, close=True, loadgen="handshake"),
         # wrk resumes TLS sessions on reconnect, so this is the abbreviated handshake.
         Mode("https-resumptions", tls=True, close=True),
+        # the same keep-alive HTTP load through the balancer's TCP mode and HAProxy mode tcp
+        Mode("tcp-keepalive", tls=False, close=False, tcp=True),
     )
 }
-DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes"]
+DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes", "tcp-keepalive"]
+# proxies that have no TCP mode sit the tcp rows out
+TCP_PROXIES = ("balancer", "haproxy")
 PROXIES = ("balancer", "haproxy", "naive-aiohttp")
 
 
@@ -257,7 +262,12 @@ def validate(url: str, ca_pem: str | None, attempts: int = 4) -> str | None:
 
 
 def proxy_argv(
-    proxy: str, port: int, backends: Sequence[int], tls: TlsFiles | None, workdir: Path
+    proxy: str,
+    port: int,
+    backends: Sequence[int],
+    tls: TlsFiles | None,
+    workdir: Path,
+    tcp: bool = False,
 ) -> list[str]:
     listen = f"127.0.0.1:{port}"
     backend_flags = [x for b in backends for x in ("--backend", f"127.0.0.1:{b}")]
@@ -272,6 +282,7 @@ def proxy_argv(
             *backend_flags,
             "--algorithm",
             "round-robin",
+            *(["--mode", "tcp"] if tcp else []),
             *tls_flags,
         ]
     if proxy == "naive-aiohttp":
@@ -286,7 +297,9 @@ def proxy_argv(
         ]
     if proxy == "haproxy":
         cfg = workdir / f"haproxy-{port}.cfg"
-        cfg.write_text(configs.haproxy_config(port, backends, tls.combined if tls else None))
+        cfg.write_text(
+            configs.haproxy_config(port, backends, tls.combined if tls else None, tcp=tcp)
+        )
         return [_which("haproxy") or "haproxy", "-db", "-f", str(cfg)]
     raise ValueError(f"unknown proxy {proxy}")
 
@@ -345,7 +358,7 @@ def bench_one(
     port = free_ports(1)[0]  # HAProxy and the naive proxy cannot report a port they chose
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
-    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir))
+    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp))
     child = h.child(f"{proxy}-{mode.name}", argv)
     try:
         try:
@@ -434,6 +447,8 @@ def run(args: argparse.Namespace) -> int:
             # rounds interleave the proxies, so slow drift hits them all alike
             for rnd in range(1, args.rounds + 1):
                 for proxy in args.proxies:
+                    if mode.tcp and proxy not in TCP_PROXIES:
+                        continue
                     print(
                         f"-- {proxy} / {mode.name} (round {rnd}/{args.rounds}) ...",
                         file=sys.stderr,

@@ -94,6 +94,7 @@ class LocalStack:
         listen_port: int = LISTEN_PORT,
         admin_ports: tuple[int, int] = ADMIN_PORTS,
         election_ports: tuple[int, int] = ELECTION_PORTS,
+        tcp_port: int | None = None,
         workdir: Path | None = None,
         pki_dir: Path | None = None,
         check_interval: float | None = None,
@@ -120,6 +121,8 @@ class LocalStack:
         self.check_interval = check_interval
         self.balancer_args = balancer_args
         self.ready_timeout = ready_timeout
+        # a TCP-mode listener beside the HTTP one, on the same backends (None: none)
+        self.tcp_port = tcp_port
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lb-local-"))
         self.pki_dir = (pki_dir or Path("pki")).resolve()
@@ -156,6 +159,11 @@ class LocalStack:
     @property
     def service_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.service_port}"
+
+    @property
+    def tcp_address(self) -> str | None:
+        """host:port of the TCP-mode listener, when the stack has one."""
+        return None if self.tcp_port is None else f"{self.host}:{self.tcp_port}"
 
     @property
     def admin_urls(self) -> dict[str, str]:
@@ -211,6 +219,8 @@ class LocalStack:
         tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
         ports = [(p, f"backend b{i + 1}", tcp) for i, p in enumerate(self.backend_ports)]
         ports.append((self.listen_port, "service", tcp))
+        if self.tcp_port:
+            ports.append((self.tcp_port, "TCP-mode service", tcp))
         names = ("a", "b") if self.pair else ("a",)
         if self.admin:
             ports += [
@@ -261,6 +271,8 @@ class LocalStack:
         for proc in self.backends:
             proc.wait_until_ready()
         common = ["--listen", f"{self.host}:{self.listen_port}"]
+        if self.tcp_port is not None:
+            common += ["--listener", f"{self.host}:{self.tcp_port},mode=tcp"]
         for b in self.backends:
             # the balancer's name for it is the demo backend's own X-Backend name
             common += ["--backend", f"{b.address},name={b.name}"]
