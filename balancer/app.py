@@ -29,6 +29,7 @@ from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
 from balancer.io.client import ClientProtocol
+from balancer.io.lab import Lab, save_syn
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
@@ -118,6 +119,11 @@ class Balancer:
             access_log=self.access_log,
         )
         self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
+        self.lab = Lab(
+            self.ctx.conns,
+            lambda: {s.getsockname()[1] for srv in self.servers[:1] for s in srv.sockets},
+            lambda: {(b.host, b.port) for b in self.cluster.backends.values()},
+        )
         self.checks: ActiveChecks | None = None
         if cfg.health_check.enabled:
             self.checks = ActiveChecks(
@@ -197,6 +203,7 @@ class Balancer:
             reuse_address=True,
             backlog=2048,
         )
+        save_syn(srv.sockets)  # the network lab shows each connection's SYN options
         self.servers.append(srv)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")
