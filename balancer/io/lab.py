@@ -111,8 +111,11 @@ def closing(table: ConnTable, rec: ConnRecord | None, exc: Exception | None) -> 
     """connection_lost: the last TCP_INFO reading (the socket is still open), then out."""
     if rec is None:
         return
-    if exc is not None and rec.fin is None:
-        rec.fin = "reset"
+    if rec.fin is None:
+        # we close only through TransportOps (which marks "balancer"): a connection lost
+        # without it was ended by the peer, with a FIN (a TLS close_notify and FIN reaches
+        # us as a plain loss, without eof_received) or with a reset
+        rec.fin = "reset" if exc is not None else "peer"
     info = read_info(rec.sock)
     if info is not None:
         table.sample(rec, info, table.clock())
@@ -151,7 +154,12 @@ class Lab:
         for rec in table:
             self._refresh(rec, now)
             rows.append(rec.view(now, wall))
-        out: dict[str, Any] = {"now": wall, "connections": rows}
+        out: dict[str, Any] = {
+            "now": wall,
+            "connections": rows,
+            "backends": table.backend_summary(),
+            "tls": table.tls_summary(),
+        }
         if closed:
             out["closed"] = [rec.view(now, wall) for rec in reversed(table.closed)]
         return out
@@ -206,11 +214,31 @@ def our_inodes() -> set[int]:
 
 
 def diag_rows() -> list[SockRow]:
-    """Every TCP socket of this network namespace, over NETLINK_SOCK_DIAG (pyroute2)."""
-    from pyroute2 import DiagSocket
+    """Every TCP socket of this network namespace, over NETLINK_SOCK_DIAG (pyroute2).
 
+    Runs in a worker thread. pyroute2 drives netlink with an asyncio loop of its own; a
+    new loop under uvloop's policy is uvloop's, which cannot open AF_NETLINK endpoints, so
+    it gets a plain selector loop, made and closed here."""
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink import NETLINK_SOCK_DIAG
+    from pyroute2.netlink.diag import MarshalDiag
+    from pyroute2.netlink.nlsocket import NetlinkSocket
+
+    class Diag(DiagSocket):  # type: ignore[misc]
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            NetlinkSocket.__init__(self, NETLINK_SOCK_DIAG, use_event_loop=loop)
+            self.set_marshal(MarshalDiag())
+
+    loop = asyncio.SelectorEventLoop()
+    try:
+        return _dump(Diag(loop))
+    finally:
+        loop.close()
+
+
+def _dump(diag: Any) -> list[SockRow]:
     rows: list[SockRow] = []
-    with DiagSocket() as ds:
+    with diag as ds:
         ds.bind()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ds.get_sock_stats(family=family, states=0xFFFF):

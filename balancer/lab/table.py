@@ -125,7 +125,8 @@ class ConnRecord:
             "age_s": round(end - self.opened_at, 3),
             "opened": round(wall - (now - self.opened_at), 3),
             "open": self.closed_at is None,
-            "state": info.state if info is not None else None,
+            # a closed one keeps its last reading, but its state is over
+            "state": "CLOSED" if self.closed_at is not None else (info and info.state),
             "congestion": self.congestion,
             "first_fin": self.fin,
             "time_wait": self.time_wait(),
@@ -238,6 +239,34 @@ class ConnTable:
         if info.total_retrans > rec.retrans_seen:
             agg.retransmits += info.total_retrans - rec.retrans_seen
             rec.retrans_seen = info.total_retrans
+
+    def backend_summary(self) -> dict[str, dict[str, Any]]:
+        """Per backend: retransmits so far and the RTT samples' mean (ms)."""
+        return {
+            bid: {
+                "retransmits": a.retransmits,
+                "rtt_samples": a.rtt_count,
+                "rtt_mean_ms": round(a.rtt_sum_ms / a.rtt_count, 3) if a.rtt_count else None,
+            }
+            for bid, a in self.backends.items()
+        }
+
+    def tls_summary(self) -> dict[str, Any]:
+        """The TLS mix: handshakes by version, cipher and resumption, and their durations."""
+        t = self.tls
+        total = sum(t.by_kind.values())
+        resumed = sum(n for (_, _, r), n in t.by_kind.items() if r)
+        return {
+            "handshakes": total,
+            "resumed": resumed,
+            "mean_ms": round(t.duration_sum / total * 1000, 3) if total else None,
+            "kinds": [
+                {"version": v, "cipher": c, "resumed": r, "count": n}
+                for (v, c, r), n in sorted(t.by_kind.items(), key=lambda kv: -kv[1])
+            ],
+            "duration_bounds_s": list(HANDSHAKE_BUCKETS),
+            "duration_buckets": list(t.duration),
+        }
 
     def remove(self, rec: ConnRecord) -> None:
         if self.open.pop(rec.id, None) is None:
