@@ -19,6 +19,7 @@ BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
 
 .PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
+	bench-handshakes \
 	base-image image ca-cert admin-token clean subnet
 
 $(STAMP): pyproject.toml
@@ -57,6 +58,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --duration 3 --warmup 1
+
+# Public key vs symmetric: full / resumed TLS handshakes and keep-alive requests per key
+# type (ec256 ... rsa4096), the balancer beside HAProxy on the same certificates.
+bench-handshakes: $(STAMP)
+	$(BIN)/python -m bench.handshakes
 
 # Our election vs keepalived in network namespaces (root), same run.
 bench-failover: $(STAMP)

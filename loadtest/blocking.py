@@ -17,6 +17,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,10 @@ def run_one(h: Harness, kind: str, algorithm: str, args: argparse.Namespace) -> 
         lb.stop()
         for b in backends:
             b.stop()
-    return {"kind": kind, "algorithm": algorithm, "summary": summarise(outcomes, args.duration)}
+    # the backends answer with their harness names (KIND-ALGORITHM-bN): keep the bN
+    named = [replace(o, backend=o.backend.rsplit("-", 1)[-1] if o.backend else None)
+             for o in outcomes]  # fmt: skip
+    return {"kind": kind, "algorithm": algorithm, "summary": summarise(named, args.duration)}
 
 
 def _positive(kind: type[int] | type[float], hi: float) -> Any:
