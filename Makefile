@@ -78,11 +78,16 @@ drill: $(STAMP)
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
 		--plot out/drill-$(or $(SCENARIO),kill-backend).png
 
-# make soak [SOAK_MINUTES=10]
+# make soak [SOAK_MINUTES=10]; make soak CHAOS=1 [SOAK_MINUTES=60] [SEED=1]
 soak: $(STAMP)
 	mkdir -p out
+ifdef CHAOS
+	$(BIN)/python -m loadtest.soak --chaos --minutes $(or $(SOAK_MINUTES),60) \
+		--seed $(or $(SEED),1) --json out/chaos.json --md out/chaos.md --plot out/chaos.png
+else
 	$(BIN)/python -m loadtest.soak --minutes $(or $(SOAK_MINUTES),10) --json out/soak.json \
 		--plot out/soak.png
+endif
 
 # The Dockerfile defaults to python:3.12-slim; with no registry, build a Debian base locally.
 base-image:
@@ -93,7 +98,7 @@ image:
 	if [ -z "$$base" ]; then \
 	  if docker image inspect python:3.12-slim >/dev/null 2>&1 \
 	     || timeout 60 docker pull -q python:3.12-slim >/dev/null 2>&1; then base=python:3.12-slim; \
-	  else tools/build-base-image.sh $(BASE_TAG) && base=$(BASE_TAG); fi; \
+	  else tools/build-base-image.sh $(BASE_TAG) || exit 1; base=$(BASE_TAG); fi; \
 	fi; \
 	echo "base image: $$base"; \
 	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
