@@ -119,7 +119,9 @@ _DEFAULT_EXPECT: dict[str, tuple[str, ...]] = {
     "kill-active-balancer": ("active_changed==true",),
     "stop-active-balancer": ("active_changed==true",),
     "pause-active-balancer": ("failover_s!=null",),
-    "delay-backend": ("failed_requests==0",),  # slower, nothing fails
+    "delay-backend": _NO_LOSS,  # slower, nothing fails
+    "loss-backend": ("recover_s!=null",),  # TCP retransmits; a request may still time out
+    "bandwidth-backend": ("recover_s!=null",),
 }
 _DEFAULT_EXPECT_BY_TARGET: dict[tuple[str, str], tuple[str, ...]] = {
     # the entry relay retries the VIP: the takeover is latency, not a refused connection
