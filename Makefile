@@ -69,6 +69,7 @@ bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover
 
 # make drill SCENARIO=kill-backend [LOCAL=1] [EXPECT='failover_s<=1.0 ...'] [NO_EXPECT=1]
+#            [ARGS='--algorithm least-connections --loss-pct 10']  (more drill flags)
 # writes out/drill-SCENARIO.{json,md,png}; exit 1 when an expectation is false
 drill: $(STAMP)
 	mkdir -p out
@@ -76,7 +77,7 @@ drill: $(STAMP)
 		$(foreach e,$(EXPECT),--expect '$(e)') $(if $(NO_EXPECT),--no-expect) \
 		--json out/drill-$(or $(SCENARIO),kill-backend).json \
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
-		--plot out/drill-$(or $(SCENARIO),kill-backend).png
+		--plot out/drill-$(or $(SCENARIO),kill-backend).png $(ARGS)
 
 # make soak [SOAK_MINUTES=10]; make soak CHAOS=1 [SOAK_MINUTES=60] [SEED=1]
 soak: $(STAMP)
