@@ -22,6 +22,13 @@ function cell(row, key) {
   return row[key];
 }
 
+function num(v) {  // small RTTs stay readable: 0.034, not 0
+  if (typeof v === "number" && v !== 0 && Math.abs(v) < 10 && !Number.isInteger(v)) {
+    return String(Number(v.toPrecision(2)));
+  }
+  return fmt(v);
+}
+
 function median(xs) {
   if (!xs.length) return null;
   const s = [...xs].sort((a, b) => a - b);
@@ -60,7 +67,7 @@ function renderConnTable() {
     if (r.id === lab.picked) tr.classList.add("picked");
     for (const [k, , n] of COLUMNS) {
       const v = cell(r, k);
-      tr.append(el("td", { class: n ? "num" : "", text: n ? fmt(v) : (v ?? "") }));
+      tr.append(el("td", { class: n ? "num" : "", text: n ? num(v) : (v ?? "") }));
     }
     tr.addEventListener("click", () => pick(r.id));
     return tr;
