@@ -751,6 +751,11 @@ async def run_drill(
 
     try:
         await act_at(fault_at, scenario.fault)
+        if scenario.fault == "netem" and events and events[-1].detail.startswith("failed:"):
+            # a network drill that could not impair anything has nothing to report
+            raise DrillError(
+                f"{scenario.name}: the impairment was not applied ({events[-1].detail})"
+            )
         if scenario.restore is not None:
             await act_at(restore_at, scenario.restore)
         outcomes = await traffic

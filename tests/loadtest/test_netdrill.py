@@ -17,7 +17,7 @@ import pytest
 from harness.netns import NetNs, list_links, list_namespaces, run, sweep_stale
 from harness.procs import REPO, python_env
 from harness.traffic import Outcome
-from loadtest.drill import SCENARIOS, main
+from loadtest.drill import SCENARIOS, DrillError, Scenario, Target, main, run_drill
 from loadtest.netdrill import (
     NFT_TABLE,
     TcpPoint,
@@ -154,3 +154,35 @@ def test_a_killed_drill_leaves_nothing_once_swept(tmp_path: Path) -> None:
     assert _left(proc.pid)  # left behind ...
     sweep_stale()  # ... until the next drill, soak or test sweeps what dead owners left
     assert _left(proc.pid) == []  # the namespace took the nft rules with it; the veth went
+
+
+class _NoNetemTarget(Target):
+    """A target whose impairment fails, as in a container on a kernel without sch_netem."""
+
+    name = "fake"
+    service_url = "http://127.0.0.1:9/"  # discard port: every request fails fast
+
+    def setup(self, scenario: Scenario) -> None: ...
+
+    def teardown(self) -> None: ...
+
+    def admin_urls(self) -> dict[str, str]:
+        return {}
+
+    def backend_names(self) -> list[str]:
+        return ["b1", "b2"]
+
+    def backend_id(self, name: str) -> str:
+        return name
+
+    def act(self, kind: str, name: str, action: str) -> str:
+        raise NetemUnavailable("the kernel has no netem qdisc (sch_netem)")
+
+
+async def test_a_drill_whose_impairment_failed_stops_with_one_line() -> None:
+    scenario = SCENARIOS["loss-backend"]
+    with pytest.raises(DrillError, match=r"impairment was not applied .*sch_netem"):
+        await run_drill(
+            _NoNetemTarget(), scenario, rate=10, duration=1.0, fault_at=0.1, restore_at=0.5,
+            timeout=0.5, progress=False,
+        )  # fmt: skip
