@@ -17,14 +17,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-# VIP tools (ip, arping), tini as PID 1 and socat for the entry relay. The local base
-# already has them; python:3.12-slim does not.
+# VIP tools (ip, arping), tini as PID 1, socat for the entry relay and iptables for the
+# no-netem impairment helper. The local base already has them (iptables once rebuilt with
+# FORCE=1 tools/build-base-image.sh); python:3.12-slim does not. iptables alone does not
+# trigger apt, so an older local base still builds offline (only the helper lacks it).
 RUN set -eu; \
     if ! command -v ip >/dev/null || ! command -v arping >/dev/null \
         || ! command -v tini >/dev/null || ! command -v socat >/dev/null; then \
         apt-get update; \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            iproute2 iputils-arping tini socat; \
+            iproute2 iputils-arping tini socat iptables; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 lb; \

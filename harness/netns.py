@@ -20,8 +20,10 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 from harness.procs import StartError
@@ -192,4 +194,10 @@ def sweep_stale() -> list[str]:
             with contextlib.suppress(NetNsError):
                 run(["ip", "link", "del", link], check=False)
             removed.append(link)
+    # logs of the nfqueue delay holders (loadtest/nfq_impair.py) of a dead owner
+    for logs in Path(tempfile.gettempdir()).glob("lbt-impair-*"):
+        pid = logs.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(logs, ignore_errors=True)
+            removed.append(logs.name)
     return removed

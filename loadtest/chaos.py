@@ -49,8 +49,9 @@ WINDOWS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("detect_s!=null", "recover_s!=null"),
     ),
     "delay-backend": (
-        f"netem delays one backend by {DELAY_MS:g} ms: slower, nothing fails",
-        ("failed_requests==0", "delay_applied==true"),
+        f"netem (nfqueue without sch_netem) delays one backend by {DELAY_MS:g} ms: "
+        "slower, nothing fails",
+        ("failed_requests==0", "delay_applied==true", "delay_cleared==true"),
     ),
     "stop-active-balancer": (
         "locally the passive takes over in about 0.7 s (missed adverts); meanwhile nobody "

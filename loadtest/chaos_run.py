@@ -134,12 +134,13 @@ class Actions:
                     done.skipped = netns_usable() or f"{p.target} has no namespace"
                     return "note", f"delay skipped: {done.skipped}"
                 try:
-                    apply_local(ns.host_if, Impairment(delay_ms=DELAY_MS, jitter_ms=10))
+                    info = apply_local(ns.host_if, Impairment(delay_ms=DELAY_MS, jitter_ms=10))
                 except NetemUnavailable as exc:
                     done.skipped = str(exc)
                     return "note", f"delay skipped: {exc}"
                 done.checks["delay_applied"] = impaired(ns.host_if)
-                return "delay", f"netem {DELAY_MS:g}ms on {ns.host_if}"
+                done.checks["impairment"] = {"method": info["method"], "delay_ms": DELAY_MS}
+                return "delay", f"{info['method']} {DELAY_MS:g}ms on {ns.host_if}"
             bsig = {"kill": signal.SIGKILL, "stop": signal.SIGTERM, "pause": signal.SIGSTOP}[action]
             pid = stack.backends[i].pid
             stack.kill_backend(i, bsig)
@@ -186,8 +187,9 @@ class Actions:
             i = self._backend(p.target)
             if restore == "undelay":
                 ns = stack.namespaces[i]
-                clear_local(ns.host_if)
-                return "undelay", f"netem cleared on {ns.host_if}"
+                cleared = clear_local(ns.host_if)
+                done.checks["delay_cleared"] = cleared and not impaired(ns.host_if)
+                return "undelay", f"impairment cleared on {ns.host_if}"
             if restore == "resume":
                 stack.kill_backend(i, signal.SIGCONT)
                 return "resume", f"SIGCONT pid {stack.backends[i].pid}"

@@ -44,6 +44,7 @@ KNOWN_KEYS = frozenset(
         "serial_changed",
         "reload_applied",
         "delay_applied",
+        "delay_cleared",
         "restart_ready",
     }
 )

@@ -54,7 +54,8 @@ def test_compose_helper_joins_the_backend_namespace_with_net_admin() -> None:
 
 @pytest.mark.netns
 @needs_root
-def test_namespace_veth_and_netem_life_cycle() -> None:
+def test_namespace_veth_and_netem_life_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LBT_IMPAIR_METHOD", "netem")  # the fallback: test_impair_nfqueue.py
     with NetNs.create() as ns:
         assert ns.name in list_namespaces()
         assert ns.host_if in list_links()
@@ -88,8 +89,7 @@ from harness.netns import NetNs
 from loadtest.netem import Impairment, NetemUnavailable, apply_local
 ns = NetNs.create()
 try:
-    apply_local(ns.host_if, Impairment(delay_ms=100))
-    qdisc = "netem"
+    qdisc = apply_local(ns.host_if, Impairment(delay_ms=100))["method"]  # netem or nfqueue
 except NetemUnavailable:
     qdisc = "none"
 print(ns.name, ns.host_if, qdisc, flush=True)
@@ -111,7 +111,7 @@ def test_sweep_removes_what_a_killed_owner_left() -> None:
         assert owner.stdout is not None
         name, host_if, qdisc = owner.stdout.readline().split()
         assert name in list_namespaces()
-        assert impaired(host_if) == (qdisc == "netem")
+        assert impaired(host_if) == (qdisc != "none")
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
