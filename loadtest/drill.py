@@ -49,15 +49,7 @@ from harness.procs import Child
 from harness.stack import LocalStack, StackError
 from harness.traffic import Outcome, run_traffic
 from loadtest.expect import Expectation, ExpectError, evaluate, parse_all
-from loadtest.netdrill import (
-    TcpPoint,
-    apply_fallback,
-    clear_fallback,
-    impairment_for,
-    netem_works,
-    sample_tcp,
-    tcp_backends,
-)
+from loadtest.netdrill import TcpPoint, impairment_for, sample_tcp, tcp_backends
 from loadtest.netem import Impairment, apply_compose, apply_local, clear_compose, clear_local
 from loadtest.report import (
     DrillEvent,
@@ -214,7 +206,6 @@ class LocalTarget(Target):
         self.pki_dir = pki_dir
         self.check_interval = check_interval
         self.stack: LocalStack | None = None
-        self.no_netem = False  # the kernel lacks sch_netem: loss/rate made without it
 
     def setup(self, scenario: Scenario) -> None:
         if scenario.docker_only:
@@ -240,13 +231,6 @@ class LocalTarget(Target):
             raise DrillError(f"local stack did not start: {exc}") from None
         self.service_url = stack.service_url
         self.ca_file = stack.ca_file
-        if netem:
-            self.no_netem = not netem_works(stack.namespaces[1].host_if)
-            if self.no_netem and self.impairment is not None and self.impairment.delay_ms:
-                raise DrillError(
-                    f"{scenario.name}: this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM),"
-                    " and a delay needs it; loss-backend and bandwidth-backend still run"
-                )
 
     def teardown(self) -> None:
         if self.stack is not None:
@@ -272,17 +256,14 @@ class LocalTarget(Target):
         if kind == "backend":
             i = self.backend_names().index(name)
             if action in ("netem", "clear"):
-                ns = stack.namespaces[i]  # removed with the stack, qdisc and rules and all
-                dev = ns.host_if
+                dev = stack.namespaces[i].host_if  # removed with the stack, and all on it
                 if action == "clear":
-                    cleared = clear_fallback(ns.name, dev) if self.no_netem else clear_local(dev)
-                    return f"cleared on {dev}" if cleared else "nothing to clear"
+                    return f"cleared on {dev}" if clear_local(dev) else "nothing to clear"
                 if self.impairment is None:
                     raise DrillError("no impairment given")
-                if self.no_netem:
-                    return apply_fallback(ns.name, dev, self.impairment)
-                apply_local(dev, self.impairment)
-                return f"netem {self.impairment.describe()} on {dev}"
+                # netem, or on a kernel without it the nfqueue/iptables/tbf fallback
+                info = apply_local(dev, self.impairment)
+                return f"{self.impairment.describe()} on {dev} ({info.get('method', '?')})"
             if action == "restart":
                 stack.restart_backend(i, wait=False)
                 return f"restarted (pid {stack.backends[i].pid})"
@@ -480,8 +461,8 @@ class DockerTarget(Target):
         if action == "netem":  # from a helper in its namespace: the backend stays unprivileged
             if self.impairment is None:
                 raise DrillError("no impairment given")
-            apply_compose(c.name, self.impairment)
-            return f"netem {self.impairment.describe()} on {c.name} eth0"
+            info = apply_compose(c.name, self.impairment)
+            return f"{self.impairment.describe()} on {c.name} eth0 ({info.get('method', '?')})"
         if action == "clear":
             return f"netem cleared on {c.name}" if clear_compose(c.name) else "nothing to clear"
         if action == "remove":

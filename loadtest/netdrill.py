@@ -25,9 +25,8 @@ from typing import Any
 
 import aiohttp
 
-from harness.netns import require_tools, run
 from harness.traffic import Outcome
-from loadtest.netem import Impairment, NetemUnavailable, apply_local, clear_local
+from loadtest.netem import Impairment
 
 SAMPLE_INTERVAL_S = 1.0
 SAMPLE_TIMEOUT_S = 1.0
@@ -179,66 +178,3 @@ PHASES = ("before", "during", "after")
 def _median(values: Sequence[float | None]) -> float | None:
     vs = [v for v in values if v is not None]
     return round(statistics.median(vs), 3) if vs else None
-
-
-# without sch_netem -------------------------------------------------------------------------
-# Some kernels (this project's CI VM among them) are built without sch_netem. Loss and a
-# rate limit can still be made locally: loss with nftables' `numgen random` in the backend's
-# namespace (what arrives from the balancer is dropped), a rate with `tbf` on the host veth.
-# A fixed delay cannot: it needs netem (or fq with eBPF timestamps, also missing there).
-NFT_TABLE = "lbtnetlab"
-
-
-def fallback_argvs(ns_name: str, host_if: str, imp: Impairment) -> list[list[str]]:
-    """The commands that make `imp` without netem; NetemUnavailable for a delay."""
-    if imp.delay_ms:
-        raise NetemUnavailable(
-            "a delay needs the netem qdisc, which this kernel lacks (CONFIG_NET_SCH_NETEM)"
-        )
-    inside = ["ip", "netns", "exec", ns_name, "nft"]
-    argvs: list[list[str]] = []
-    if imp.loss_pct:
-        per_10k = round(imp.loss_pct * 100)
-        argvs += [
-            [*inside, "add", "table", "inet", NFT_TABLE],
-            [*inside, "add", "chain", "inet", NFT_TABLE, "in",
-             "{ type filter hook input priority 0 ; }"],
-            [*inside, "add", "rule", "inet", NFT_TABLE, "in",
-             "numgen", "random", "mod", "10000", "<", str(per_10k), "drop"],
-        ]  # fmt: skip
-    if imp.rate_kbit:
-        argvs.append(
-            ["tc", "qdisc", "replace", "dev", host_if, "root", "tbf", "rate",
-             f"{imp.rate_kbit}kbit", "burst", "32kbit", "latency", "400ms"]
-        )  # fmt: skip
-    return argvs
-
-
-def clear_fallback_argvs(ns_name: str, host_if: str) -> list[list[str]]:
-    return [
-        ["ip", "netns", "exec", ns_name, "nft", "delete", "table", "inet", NFT_TABLE],
-        ["tc", "qdisc", "del", "dev", host_if, "root"],
-    ]
-
-
-def apply_fallback(ns_name: str, host_if: str, imp: Impairment) -> str:
-    require_tools("ip", "tc", "nft")
-    for argv in fallback_argvs(ns_name, host_if, imp):
-        run(argv)
-    return f"{imp.describe()} without netem (nftables loss / tbf rate) on {host_if}"
-
-
-def clear_fallback(ns_name: str, host_if: str) -> bool:
-    """Remove what apply_fallback made; False when there was nothing."""
-    results = [run(a, check=False).returncode == 0 for a in clear_fallback_argvs(ns_name, host_if)]
-    return any(results)
-
-
-def netem_works(dev: str) -> bool:
-    """Whether this kernel has sch_netem: a 1 ms delay on `dev`, removed at once."""
-    try:
-        apply_local(dev, Impairment(delay_ms=1))
-    except NetemUnavailable:
-        return False
-    clear_local(dev)
-    return True

@@ -1,6 +1,8 @@
 """The network drills: the impairment each scenario makes, the report's `backends` field
-from /api/connections samples, the no-netem fallback's commands, and (root) its set-up and
-clean-up on a real namespace, also after the drill was SIGKILLed."""
+from /api/connections samples, a drill whose impairment failed, and (root) a real drill's
+namespace and impairment swept after the drill was SIGKILLed. (loadtest.netem's set-up
+and clean-up, with and without sch_netem, are tested in tests/harness/test_netns.py and
+tests/loadtest/test_nfq_*.)"""
 
 from __future__ import annotations
 
@@ -14,25 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.netns import NetNs, list_links, list_namespaces, run, sweep_stale
+from harness.netns import list_links, list_namespaces, sweep_stale
 from harness.procs import REPO, python_env
 from harness.traffic import Outcome
 from loadtest.drill import SCENARIOS, DrillError, Scenario, Target, main, run_drill
-from loadtest.netdrill import (
-    NFT_TABLE,
-    TcpPoint,
-    apply_fallback,
-    clear_fallback,
-    fallback_argvs,
-    impairment_for,
-    points_from,
-    tcp_backends,
-)
+from loadtest.netdrill import TcpPoint, impairment_for, points_from, tcp_backends
 from loadtest.netem import Impairment, NetemUnavailable
 
 needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "nft")),
-    reason="needs root with ip, tc (iproute2) and nft",
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "iptables")),
+    reason="needs root with ip, tc (iproute2) and iptables (the no-netem fallback)",
 )
 
 
@@ -96,32 +89,6 @@ def test_report_backends_by_phase() -> None:
     assert got["b1"]["share"]["during"] == 0.75 and got["b1"]["rtt_ms"]["during"] is None
 
 
-def test_without_netem_loss_is_nftables_rate_is_tbf_and_delay_is_refused() -> None:
-    argvs = fallback_argvs("lbt-1-1", "lv1h1", Impairment(loss_pct=2.5, rate_kbit=300))
-    assert argvs[-2][-7:] == ["numgen", "random", "mod", "10000", "<", "250", "drop"]
-    assert argvs[-2][:4] == ["ip", "netns", "exec", "lbt-1-1"]  # inside the backend's ns
-    assert argvs[-1][:7] == ["tc", "qdisc", "replace", "dev", "lv1h1", "root", "tbf"]
-    with pytest.raises(NetemUnavailable, match="CONFIG_NET_SCH_NETEM"):
-        fallback_argvs("lbt-1-1", "lv1h1", Impairment(delay_ms=50))
-
-
-def _nft_table(ns: str) -> str:
-    return run(["ip", "netns", "exec", ns, "nft", "list", "tables"], check=False).stdout
-
-
-@pytest.mark.netns
-@needs_root
-def test_fallback_set_up_and_clean_up_on_a_real_namespace() -> None:
-    with NetNs.create() as ns:
-        apply_fallback(ns.name, ns.host_if, Impairment(loss_pct=5, rate_kbit=1000))
-        assert NFT_TABLE in _nft_table(ns.name)
-        assert "tbf" in run(["tc", "qdisc", "show", "dev", ns.host_if]).stdout
-        assert clear_fallback(ns.name, ns.host_if)
-        assert NFT_TABLE not in _nft_table(ns.name)
-        assert "tbf" not in run(["tc", "qdisc", "show", "dev", ns.host_if]).stdout
-        assert not clear_fallback(ns.name, ns.host_if)  # twice: nothing left to clear
-
-
 def _left(pid: int) -> list[str]:
     return [n for n in list_namespaces() if n.startswith(f"lbt-{pid}-")] + [
         link for link in list_links() if link.startswith(f"lv{pid}h")
@@ -145,15 +112,15 @@ def test_a_killed_drill_leaves_nothing_once_swept(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         text = err.read_text()
-        assert " netem b2: loss 5%" in text, text[-2000:]
+        assert " netem b2: loss 5%" in text, text[-2000:]  # netem, or nfqueue/iptables/tbf
         ns = [n for n in list_namespaces() if n.startswith(f"lbt-{proc.pid}-")]
-        assert len(ns) == 1 and NFT_TABLE in _nft_table(ns[0])
+        assert len(ns) == 1
     finally:
         proc.send_signal(signal.SIGKILL)  # the drill cleans nothing itself
         proc.wait(10)
     assert _left(proc.pid)  # left behind ...
     sweep_stale()  # ... until the next drill, soak or test sweeps what dead owners left
-    assert _left(proc.pid) == []  # the namespace took the nft rules with it; the veth went
+    assert _left(proc.pid) == []  # the namespace took its qdisc or rules with it
 
 
 class _NoNetemTarget(Target):
