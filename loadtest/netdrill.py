@@ -30,6 +30,7 @@ from loadtest.netem import Impairment
 
 SAMPLE_INTERVAL_S = 1.0
 SAMPLE_TIMEOUT_S = 1.0
+ACTIVE_MS = 2000  # connections idle longer are left out of a sample's RTT and cwnd
 
 # scenario -> the impairment its flags make (defaults as in the issue)
 NETEM_SCENARIOS = ("delay-backend", "loss-backend", "bandwidth-backend")
@@ -69,8 +70,11 @@ def points_from(t: float, body: dict[str, Any]) -> list[TcpPoint]:
     """The points of one /api/connections answer."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for r in body.get("connections", []):
-        if r.get("side") == "backend" and r.get("backend") and r.get("rtt_ms") is not None:
-            rows.setdefault(r["backend"], []).append(r)
+        if r.get("side") != "backend" or not r.get("backend") or r.get("rtt_ms") is None:
+            continue
+        if (r.get("idle_ms") or 0) > ACTIVE_MS:
+            continue  # a pooled connection unused for a while: its RTT and cwnd are stale
+        rows.setdefault(r["backend"], []).append(r)
     counters = {b: int(v.get("retransmits", 0)) for b, v in body.get("backends", {}).items()}
     out = []
     for name in sorted(set(rows) | set(counters)):

@@ -171,6 +171,7 @@ def tcp_fields(info: TcpInfo) -> dict[str, Any]:
         "bytes_sent": info.bytes_sent,
         "bytes_received": info.bytes_received,
         "ca_state": info.ca_state,
+        "idle_ms": info.idle_ms,
     }
 
 

@@ -43,6 +43,8 @@ _FIELDS: tuple[tuple[str, str, int], ...] = (
     ("sacked", "I", 28),
     ("lost", "I", 32),
     ("retrans", "I", 36),
+    ("last_data_sent", "I", 44),
+    ("last_data_recv", "I", 52),
     ("pmtu", "I", 60),
     ("rcv_ssthresh", "I", 64),
     ("rtt", "I", 68),
@@ -111,6 +113,7 @@ class TcpInfo:
     segs_in: int | None
     notsent_bytes: int | None
     pmtu: int
+    idle_ms: int  # since data last went either way: an idle connection's RTT is stale
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,4 +188,5 @@ def decode(raw: bytes) -> TcpInfo:
         segs_in=_get(raw, "segs_in"),
         notsent_bytes=_get(raw, "notsent_bytes"),
         pmtu=_req(raw, "pmtu"),
+        idle_ms=min(_req(raw, "last_data_sent"), _req(raw, "last_data_recv")),
     )

@@ -51,7 +51,8 @@ BODY = {
         {"side": "backend", "backend": "b1", "rtt_ms": 1.0, "cwnd": 10},
         {"side": "backend", "backend": "b2", "rtt_ms": 50.0, "cwnd": 4},
         {"side": "backend", "backend": "b2", "rtt_ms": 60.0, "cwnd": 2},
-        {"side": "backend", "backend": "b2", "rtt_ms": 70.0, "cwnd": 3},
+        {"side": "backend", "backend": "b2", "rtt_ms": 70.0, "cwnd": 3, "idle_ms": 10},
+        {"side": "backend", "backend": "b2", "rtt_ms": 900.0, "cwnd": 50, "idle_ms": 9000},
     ],
     "backends": {"b1": {"retransmits": 0}, "b2": {"retransmits": 7}, "b3": {"retransmits": 1}},
 }
@@ -59,7 +60,7 @@ BODY = {
 
 def test_points_per_backend_from_one_answer() -> None:
     pts = {p.backend: p for p in points_from(5.0, BODY)}
-    assert pts["b2"] == TcpPoint(5.0, "b2", 3, 60.0, 3.0, 7)
+    assert pts["b2"] == TcpPoint(5.0, "b2", 3, 60.0, 3.0, 7)  # the idle one left out
     assert pts["b1"].rtt_ms == 1.0 and pts["b1"].connections == 1
     assert pts["b3"] == TcpPoint(5.0, "b3", 0, None, None, 1)  # no open connection now
 

@@ -10,7 +10,8 @@ const COLUMNS = [  // [key, header, numeric]
   ["ssthresh", "ssthresh", true], ["total_retrans", "retrans", true], ["lost", "lost", true],
   ["unacked", "unacked", true], ["snd_wnd", "peer wnd", true], ["rcv_wnd", "our wnd", true],
   ["delivery_rate_bps", "rate bps", true], ["bytes_sent", "sent", true],
-  ["bytes_received", "received", true], ["congestion", "cc", false], ["tls", "tls", false],
+  ["bytes_received", "received", true], ["idle_ms", "idle ms", true],
+  ["congestion", "cc", false], ["tls", "tls", false],
 ];
 const lab = {
   timer: null, tcpTimer: null, rows: [], sortKey: "id", asc: true, picked: null,

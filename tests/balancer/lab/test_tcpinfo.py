@@ -82,6 +82,8 @@ FIELDS = dict(
     rcv_wnd=3_000_000,
     bytes_sent=1_000_000,
     rto=204_000,
+    last_data_sent=1500,
+    last_data_recv=250,
 )
 
 
@@ -94,6 +96,7 @@ def test_a_known_layout_decodes_field_by_field() -> None:
     assert info.delivery_rate_bps == 1_000_000
     assert info.snd_wnd == 65_535 * 128 and info.rcv_wnd == 3_000_000
     assert info.bytes_sent == 1_000_000
+    assert info.idle_ms == 250  # since data last went either way
     assert (info.snd_wscale, info.rcv_wscale) == (7, 9)
     assert info.timestamps and info.sack and info.wscale and not info.ecn
 
