@@ -19,6 +19,7 @@ BASE_TAG ?= lb-testbed/base:bookworm
 BACKENDS ?= 3
 
 .PHONY: venv test lint typecheck unit local up down bench bench-quick bench-failover drill soak \
+	bench-handshakes \
 	base-image image ca-cert admin-token clean subnet
 
 $(STAMP): pyproject.toml
@@ -59,11 +60,17 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --duration 3 --warmup 1
 
+# Public key vs symmetric: full / resumed TLS handshakes and keep-alive requests per key
+# type (ec256 ... rsa4096), the balancer beside HAProxy on the same certificates.
+bench-handshakes: $(STAMP)
+	$(BIN)/python -m bench.handshakes
+
 # Our election vs keepalived in network namespaces (root), same run.
 bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover
 
 # make drill SCENARIO=kill-backend [LOCAL=1] [EXPECT='failover_s<=1.0 ...'] [NO_EXPECT=1]
+#            [ARGS='--algorithm least-connections --loss-pct 10']  (more drill flags)
 # writes out/drill-SCENARIO.{json,md,png}; exit 1 when an expectation is false
 drill: $(STAMP)
 	mkdir -p out
@@ -71,7 +78,7 @@ drill: $(STAMP)
 		$(foreach e,$(EXPECT),--expect '$(e)') $(if $(NO_EXPECT),--no-expect) \
 		--json out/drill-$(or $(SCENARIO),kill-backend).json \
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
-		--plot out/drill-$(or $(SCENARIO),kill-backend).png
+		--plot out/drill-$(or $(SCENARIO),kill-backend).png $(ARGS)
 
 # make soak [SOAK_MINUTES=10]; make soak CHAOS=1 [SOAK_MINUTES=60] [SEED=1]
 soak: $(STAMP)

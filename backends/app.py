@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 BACKEND_HEADER = "X-Backend"
 MAX_DELAY_MS = 60_000
+MAX_BLOCKING_MS = 5_000  # per request, with the whole event loop stopped
 MAX_BYTES = 10 * 1024**3
 CHUNK_SIZE = 64 * 1024
 # Byte i of every /bytes body is i % 256, so clients can check integrity at any offset.
@@ -33,6 +35,7 @@ class Health:
 
 NAME_KEY = web.AppKey("backend_name", str)
 DELAY_KEY = web.AppKey("backend_delay_ms", int)
+BLOCKING_KEY = web.AppKey("backend_blocking_ms", int)
 HEALTH_KEY = web.AppKey("backend_health", Health)
 _Sockets = weakref.WeakSet[web.WebSocketResponse]
 SOCKETS_KEY: web.AppKey[_Sockets] = web.AppKey("backend_websockets")
@@ -103,6 +106,10 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     delay_ms = request.app[DELAY_KEY]
     if delay_ms:
         await asyncio.sleep(delay_ms / 1000)
+    blocking_ms = request.app[BLOCKING_KEY]
+    if blocking_ms:
+        # on purpose: blocking I/O in an async server stalls every connection it serves
+        time.sleep(blocking_ms / 1000)
     try:
         return await handler(request)
     except ConnectionError:
@@ -239,14 +246,19 @@ async def _close_websockets(app: web.Application) -> None:
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"backend shutting down")
 
 
-def make_app(name: str, delay_ms: int = 0) -> web.Application:
-    """Build the backend application; ``delay_ms`` delays every response (slow backend)."""
+def make_app(name: str, delay_ms: int = 0, *, blocking_ms: int = 0) -> web.Application:
+    """Build the backend application; ``delay_ms`` delays every response (slow backend,
+    the event loop keeps serving others); ``blocking_ms`` blocks the event loop that long
+    per request (a blocking call in async code: every other request waits)."""
     validate_name(name)
     if not 0 <= delay_ms <= MAX_DELAY_MS:
         raise ValueError(f"delay_ms must be in 0..{MAX_DELAY_MS}")
+    if not 0 <= blocking_ms <= MAX_BLOCKING_MS:
+        raise ValueError(f"blocking_ms must be in 0..{MAX_BLOCKING_MS}")
     app = web.Application(middlewares=[_middleware])
     app[NAME_KEY] = name
     app[DELAY_KEY] = delay_ms
+    app[BLOCKING_KEY] = blocking_ms
     app[HEALTH_KEY] = Health()
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[PROXIED_KEY] = {}

@@ -14,7 +14,14 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from backends.app import MAX_DELAY_MS, PROXIED_KEY, PROXIED_MAX, make_app, validate_name
+from backends.app import (
+    MAX_BLOCKING_MS,
+    MAX_DELAY_MS,
+    PROXIED_KEY,
+    PROXIED_MAX,
+    make_app,
+    validate_name,
+)
 from balancer.io.proxied import ProxiedServer, listening_socket
 
 DEFAULT_KEEPALIVE_S = 75.0
@@ -33,6 +40,14 @@ def _port(raw: str) -> int:
 def _delay(raw: str) -> int:
     if not (raw.isascii() and raw.isdecimal()) or not 0 <= int(raw) <= MAX_DELAY_MS:
         raise argparse.ArgumentTypeError(f"invalid delay {raw!r} (want 0-{MAX_DELAY_MS})")
+    return int(raw)
+
+
+def _blocking(raw: str) -> int:
+    if not (raw.isascii() and raw.isdecimal()) or not 0 <= int(raw) <= MAX_BLOCKING_MS:
+        raise argparse.ArgumentTypeError(
+            f"invalid blocking time {raw!r} (want 0-{MAX_BLOCKING_MS})"
+        )
     return int(raw)
 
 
@@ -75,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_delay,
         default=0,
         metavar="MS",
-        help="delay added to every response (slow backend)",
+        help="delay added to every response (slow backend; async, others are served meanwhile)",
+    )
+    parser.add_argument(
+        "--blocking-ms",
+        type=_blocking,
+        default=0,
+        metavar="MS",
+        help="block the event loop MS per request (a blocking call: every request waits)",
     )
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS")
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
@@ -178,7 +200,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     access_log = configure_logging(args.name, args.access_log)
-    app = make_app(args.name, args.delay_ms)
+    app = make_app(args.name, args.delay_ms, blocking_ms=args.blocking_ms)
     closing: list[asyncio.BaseTransport] = []
 
     async def remember_connections(_app: web.Application) -> None:

@@ -29,6 +29,7 @@ from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, 
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
+from balancer.io.lab import Lab, save_syn
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.listeners import Server, bind_listeners
 from balancer.io.names import reverse_replica_name
@@ -134,6 +135,11 @@ class Balancer:
             if lst.mode == "tcp"
         ]
         self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
+        self.lab = Lab(
+            self.ctx.conns,
+            lambda: {s.getsockname()[1] for srv in self.servers for s in srv.sockets},
+            lambda: {(b.host, b.port) for b in self.cluster.backends.values()},
+        )
         self.checks: ActiveChecks | None = None
         if cfg.health_check.enabled:
             self.checks = ActiveChecks(
@@ -211,6 +217,8 @@ class Balancer:
         tls = self.tls_store.context if self.tls_store is not None else None
         self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls)
         loop = self.loop
+        for srv in self.servers:
+            save_syn(srv.sockets)  # the network lab shows each connection's SYN options
         https_port = next((p for scheme, _, p in self.bound() if scheme != "tcp"), 0)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")

@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 from ca.core import (
+    DEFAULT_KEY_TYPE,
     DEFAULT_LIFETIME,
+    KEY_TYPES,
     CAError,
     CertAuthority,
     CertDescription,
@@ -83,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="DNS SAN (repeatable); with no --dns and no --ip, NAME is the DNS SAN",
     )
     p.add_argument("--client", action="store_true", help="clientAuth instead of serverAuth")
+    p.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default=DEFAULT_KEY_TYPE,
+        help=f"the leaf's key (default {DEFAULT_KEY_TYPE})",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing NAME")
     _add_lifetime(p)
 
@@ -113,6 +121,7 @@ def format_description(d: CertDescription) -> str:
         ("kind", d.kind),
         ("subject", d.subject),
         ("SANs", ", ".join(d.sans) or "-"),
+        ("key", d.key_type),
         ("serial", d.serial_hex),
         ("not before", _iso(d.not_before)),
         ("not after", expiry),
@@ -152,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             lifetime=_lifetime(args),
             client=args.client,
             overwrite=args.force,
+            key_type=args.key_type,
         )
         print(f"issued {crt} and {key}")
     elif cmd == "renew":

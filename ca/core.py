@@ -46,6 +46,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 SigningKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+# a leaf's key: public-key cryptography is what a full TLS handshake pays for (bench.handshakes)
+KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+DEFAULT_KEY_TYPE = "ec256"
 IPAddr: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -64,6 +67,7 @@ class CertDescription:
     not_before: datetime
     not_after: datetime
     fingerprint_sha256: str
+    key_type: str
     expired: bool
     verify_error: str | None  # None means it verifies against the CA at the given time
 
@@ -209,6 +213,7 @@ def describe_cert(
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         fingerprint_sha256=fingerprint(cert),
+        key_type=key_type_of(cert),
         expired=now > cert.not_valid_after_utc,
         verify_error=error,
     )
@@ -224,14 +229,38 @@ def _verify_ca_self(cert: x509.Certificate, now: datetime) -> str | None:
     return None
 
 
-def _resign(leaf: x509.Certificate, ca_key: SigningKey, client: bool) -> x509.Certificate:
-    """Copy `leaf` with a non-critical SAN and a single-purpose, non-critical EKU."""
+def make_key(key_type: str) -> SigningKey:
+    """A new private key of one of KEY_TYPES."""
+    if key_type == "ec256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type in ("rsa2048", "rsa3072", "rsa4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
+    raise CAError(f"unknown key type {key_type!r}; choose {', '.join(KEY_TYPES)}")
+
+
+def key_type_of(cert: x509.Certificate) -> str:
+    """The KEY_TYPES name of a certificate's public key (else its class name)."""
+    public = cert.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        curve = public.curve.name
+        return {"secp256r1": "ec256", "secp384r1": "ec384"}.get(curve, curve)
+    if isinstance(public, rsa.RSAPublicKey):
+        return f"rsa{public.key_size}"
+    return type(public).__name__
+
+
+def _resign(
+    leaf: x509.Certificate, ca_key: SigningKey, client: bool, key: SigningKey
+) -> x509.Certificate:
+    """Copy `leaf` with our key, a non-critical SAN and a single-purpose, non-critical EKU."""
     purpose = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(leaf.subject)
         .issuer_name(leaf.issuer)
-        .public_key(leaf.public_key())  # type: ignore[arg-type]
+        .public_key(key.public_key())
         .serial_number(leaf.serial_number)
         .not_valid_before(leaf.not_valid_before_utc)
         .not_valid_after(leaf.not_valid_after_utc)
@@ -381,9 +410,15 @@ class CertAuthority:
         *,
         overwrite: bool = False,
         now: datetime | None = None,
+        key_type: str = DEFAULT_KEY_TYPE,
     ) -> tuple[Path, Path]:
-        """Issue NAME.crt/NAME.key. With no IPs or DNS names, NAME itself is the DNS SAN."""
+        """Issue NAME.crt/NAME.key. With no IPs or DNS names, NAME itself is the DNS SAN.
+
+        trustme makes the certificate; the key is ours (`key_type`, which trustme's two
+        fixed choices do not cover) and the CA re-signs it (see the module)."""
         check_name(name)
+        if key_type not in KEY_TYPES:
+            raise CAError(f"unknown key type {key_type!r}; choose {', '.join(KEY_TYPES)}")
         ip_list = [str(parse_ip(ip)) for ip in ips]
         dns_list = [check_dns(d) for d in dns]
         if not ip_list and not dns_list:
@@ -405,18 +440,25 @@ class CertAuthority:
             not_after=not_after,
         )
         raw = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
-        cert = _resign(raw, self.key, client)
+        private = make_key(key_type)
+        cert = _resign(raw, self.key, client, private)
+        key_pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         chain = b"".join(
             [cert.public_bytes(serialization.Encoding.PEM)]
             + [blob.bytes() for blob in leaf.cert_chain_pems[1:]]
         )
-        _write_files_atomically([(key, leaf.private_key_pem.bytes(), 0o600), (crt, chain, 0o644)])
+        _write_files_atomically([(key, key_pem, 0o600), (crt, chain, 0o644)])
         return crt, key
 
     def renew(
         self, name: str, lifetime: timedelta = DEFAULT_LIFETIME, *, now: datetime | None = None
     ) -> tuple[Path, Path]:
-        """Re-issue NAME with the SANs and kind of its current certificate (new key, serial)."""
+        """Re-issue NAME with the SANs, kind and key type of its current certificate (new
+        key, serial)."""
         old = load_cert(self.cert_path(name))
         kind = cert_kind(old)
         if kind == "ca":
@@ -432,6 +474,7 @@ class CertAuthority:
             client=kind == "client",
             overwrite=True,
             now=now,
+            key_type=kt if (kt := key_type_of(old)) in KEY_TYPES else DEFAULT_KEY_TYPE,
         )
 
     # -- inspection

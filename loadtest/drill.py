@@ -44,10 +44,13 @@ from typing import Any, NoReturn
 
 import aiohttp
 
+from harness.netns import NetNsError, require_tools
 from harness.procs import Child
 from harness.stack import LocalStack, StackError
 from harness.traffic import Outcome, run_traffic
 from loadtest.expect import Expectation, ExpectError, evaluate, parse_all
+from loadtest.netdrill import TcpPoint, impairment_for, sample_tcp, tcp_backends
+from loadtest.netem import Impairment, apply_compose, apply_local, clear_compose, clear_local
 from loadtest.report import (
     DrillEvent,
     StateSample,
@@ -69,8 +72,9 @@ class DrillError(RuntimeError):
 class Scenario:
     name: str
     kind: str  # "backend" or "balancer"
-    fault: str  # kill, stop, pause, disconnect, restart (stop + start), add (a replica)
-    restore: str | None  # restart, resume, reconnect, remove, or None (stay broken)
+    fault: str  # kill, stop, pause, disconnect, restart (stop + start), add (a replica),
+    #             netem (impair its network: loadtest.netdrill)
+    restore: str | None  # restart, resume, reconnect, remove, clear, or None (stay broken)
     docker_only: bool = False
 
 
@@ -86,6 +90,9 @@ SCENARIOS = {
         Scenario("kill-active-balancer", "balancer", "kill", None),
         Scenario("stop-active-balancer", "balancer", "stop", None),
         Scenario("pause-active-balancer", "balancer", "pause", "resume"),
+        Scenario("delay-backend", "backend", "netem", "clear"),
+        Scenario("loss-backend", "backend", "netem", "clear"),
+        Scenario("bandwidth-backend", "backend", "netem", "clear"),
     )
 }
 
@@ -104,6 +111,9 @@ _DEFAULT_EXPECT: dict[str, tuple[str, ...]] = {
     "kill-active-balancer": ("active_changed==true",),
     "stop-active-balancer": ("active_changed==true",),
     "pause-active-balancer": ("failover_s!=null",),
+    "delay-backend": _NO_LOSS,  # slower, nothing fails
+    "loss-backend": ("recover_s!=null",),  # TCP retransmits; a request may still time out
+    "bandwidth-backend": ("recover_s!=null",),
 }
 _DEFAULT_EXPECT_BY_TARGET: dict[tuple[str, str], tuple[str, ...]] = {
     # the entry relay retries the VIP: the takeover is latency, not a refused connection
@@ -148,6 +158,7 @@ class Target(abc.ABC):
     name = "target"
     service_url = ""
     ca_file: str | None = None
+    impairment: Impairment | None = None  # what the netem fault applies
 
     @abc.abstractmethod
     def setup(self, scenario: Scenario) -> None: ...
@@ -199,12 +210,19 @@ class LocalTarget(Target):
     def setup(self, scenario: Scenario) -> None:
         if scenario.docker_only:
             raise DrillError(f"scenario {scenario.name} needs the docker target")
+        netem = scenario.fault == "netem"
+        if netem:
+            try:  # the victim (b2) gets a namespace of its own, impaired on its veth
+                require_tools("ip", "tc")
+            except NetNsError as exc:
+                raise DrillError(f"{scenario.name} --local: {exc}") from None
         stack = LocalStack.ephemeral(
             algorithm=self.algorithm,
             tls=self.tls,
             pair=scenario.kind == "balancer",
             pki_dir=self.pki_dir,
             check_interval=self.check_interval,
+            netns_backends=(1,) if netem else (),
         )
         self.stack = stack
         try:
@@ -237,6 +255,15 @@ class LocalTarget(Target):
         proc: Child
         if kind == "backend":
             i = self.backend_names().index(name)
+            if action in ("netem", "clear"):
+                dev = stack.namespaces[i].host_if  # removed with the stack, and all on it
+                if action == "clear":
+                    return f"cleared on {dev}" if clear_local(dev) else "nothing to clear"
+                if self.impairment is None:
+                    raise DrillError("no impairment given")
+                # netem, or on a kernel without it the nfqueue/iptables/tbf fallback
+                info = apply_local(dev, self.impairment)
+                return f"{self.impairment.describe()} on {dev} ({info.get('method', '?')})"
             if action == "restart":
                 stack.restart_backend(i, wait=False)
                 return f"restarted (pid {stack.backends[i].pid})"
@@ -431,6 +458,13 @@ class DockerTarget(Target):
             c = self._add_backend(name)
             return f"started container {c.name} ({self.backend_ids[name]})"
         c = self.containers[name]
+        if action == "netem":  # from a helper in its namespace: the backend stays unprivileged
+            if self.impairment is None:
+                raise DrillError("no impairment given")
+            info = apply_compose(c.name, self.impairment)
+            return f"{self.impairment.describe()} on {c.name} eth0 ({info.get('method', '?')})"
+        if action == "clear":
+            return f"netem cleared on {c.name}" if clear_compose(c.name) else "nothing to clear"
         if action == "remove":
             c.stop(timeout=10)  # SIGTERM: the backend finishes in-flight requests
             c.remove()
@@ -654,6 +688,10 @@ async def run_drill(
     counter = Progress()
     max_polls = int((duration + timeout + 5) / POLL_INTERVAL_S) + 10
     poller = asyncio.create_task(poll_states(admins, samples, clock, stop, max_polls))
+    tcp: list[TcpPoint] = []
+    sampler = None
+    if scenario.fault == "netem":  # what TCP did: /api/connections once a second
+        sampler = asyncio.create_task(sample_tcp(admins, tcp, clock, stop, max_polls))
     t0 = clock()
     traffic = asyncio.create_task(
         run_traffic(
@@ -694,12 +732,19 @@ async def run_drill(
 
     try:
         await act_at(fault_at, scenario.fault)
+        if scenario.fault == "netem" and events and events[-1].detail.startswith("failed:"):
+            # a network drill that could not impair anything has nothing to report
+            raise DrillError(
+                f"{scenario.name}: the impairment was not applied ({events[-1].detail})"
+            )
         if scenario.restore is not None:
             await act_at(restore_at, scenario.restore)
         outcomes = await traffic
     finally:
         stop.set()
         await poller
+        if sampler is not None:
+            await sampler
         for task in (traffic, ticks):
             if task is not None and not task.done():
                 task.cancel()
@@ -719,6 +764,11 @@ async def run_drill(
         stall_s=stall_s,
         kind=scenario.kind,
     )
+    if sampler is not None:
+        report["backends"] = tcp_backends(
+            tcp, outcomes, t0=t0, t_fault=report["markers"]["fault"],
+            t_restore=report["markers"]["restore"],
+        )  # fmt: skip
     if scenario.fault == "add":
         extra_id = None
         with contextlib.suppress(KeyError):  # the add itself failed
@@ -765,6 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="local: HTTPS with a CA in --pki")
     p.add_argument("--pki", default="pki", help="local: CA directory for --tls (default ./pki)")
     p.add_argument("--check-interval", type=float, help="local: balancer check interval")
+    p.add_argument("--delay-ms", type=float, default=50.0, help="delay-backend (default 50)")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="delay-backend (default 0)")
+    p.add_argument("--loss-pct", type=float, default=5.0, help="loss-backend (default 5)")
+    p.add_argument("--rate-kbit", type=int, default=1000, help="bandwidth-backend (default 1000)")
     p.add_argument(
         "--project",
         default=os.environ.get("COMPOSE_PROJECT_NAME") or DEFAULT_PROJECT,
@@ -841,6 +895,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         target = DockerTarget(project=args.project, service_url=args.service_url)
+    if scenario.fault == "netem":
+        try:
+            target.impairment = impairment_for(
+                args.scenario, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
+                loss_pct=args.loss_pct, rate_kbit=args.rate_kbit,
+            )  # fmt: skip
+        except ValueError as exc:
+            print(f"drill: {exc}", file=sys.stderr)
+            return 2
     # SIGTERM takes the same clean path as Ctrl-C (the finally below stops the stack)
     old_sigterm = signal.signal(signal.SIGTERM, _sigterm)
     try:

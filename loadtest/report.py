@@ -32,8 +32,8 @@ from typing import Any
 
 from harness.traffic import Outcome, percentile
 
-FAULT_KINDS = frozenset({"kill", "stop", "pause", "disconnect"})
-RESTORE_KINDS = frozenset({"restart", "resume", "reconnect"})
+FAULT_KINDS = frozenset({"kill", "stop", "pause", "disconnect", "netem"})
+RESTORE_KINDS = frozenset({"restart", "resume", "reconnect", "clear"})
 
 DEFINITIONS = {
     "detect_s": "fault -> first /api/state sample (non-passive balancer) with the backend not up",
@@ -472,19 +472,28 @@ def plot(report: dict[str, Any], path: str) -> None:
     d = plot_series(report)
     edges = d["edges"]
     backends: dict[str, list[int]] = d["backends"]
-    n_panels = 2 + len(backends)
+    tcp: dict[str, Any] = report.get("backends") or {}  # network drills: RTT and cwnd
+    n_panels = 2 + len(backends) + (2 if tcp else 0)
     fig, axes = plt.subplots(
         n_panels, 1, figsize=(10, 2.6 + 1.4 * n_panels), sharex=True, squeeze=False
     )
     ax_all = list(axes[:, 0])
-    top, lat = ax_all[0], ax_all[-1]
+    top, lat = ax_all[0], ax_all[len(backends) + 1]
+    if tcp:
+        for ax, key, label in ((ax_all[-2], "rtt_series", "RTT ms"), (ax_all[-1], "cwnd", "cwnd")):
+            for name, b in sorted(tcp.items()):
+                pts = [(t, v) for t, v in b.get(key, []) if v is not None]
+                if pts:
+                    ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=name)
+            ax.set_ylabel(label)
+        ax_all[-2].set_yscale("symlog", linthresh=1.0)
     top.stairs(d["sent"], edges, color="tab:blue", linewidth=4, alpha=0.35, label="sent/s")
     top.stairs(d["ok"], edges, color="tab:green", linewidth=1.5, label="2xx/s")
     top.stairs(d["failed"], edges, color="tab:red", fill=True, alpha=0.6, label="failed/s")
     top.set_ylabel("req/s")
     top.set_ylim(bottom=0, top=max([1, *d["sent"]]) * 1.25)
     peak = max([1, *(v for series in backends.values() for v in series)]) * 1.25
-    for ax, (name, series) in zip(ax_all[1:-1], backends.items(), strict=True):
+    for ax, (name, series) in zip(ax_all[1 : len(backends) + 1], backends.items(), strict=True):
         ax.stairs(series, edges, color="tab:cyan", fill=True, alpha=0.5, label=f"{name} 2xx/s")
         ax.set_ylim(0, peak)
         ax.set_ylabel(name, rotation=0, ha="right", va="center")

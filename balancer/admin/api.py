@@ -25,6 +25,8 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 
 from balancer.admin.history import History, Sample
+from balancer.admin.lab import LabView
+from balancer.admin.lab import routes as lab_routes
 from balancer.admin.metrics import MetricsSource, make_registry, render
 from balancer.config import ALGORITHMS, Config, ReloadResult, split_hostport
 from balancer.events import Event
@@ -81,6 +83,10 @@ class AdminHost(MetricsSource, Protocol):
 
     def set_algorithm(self, algorithm: str) -> None:
         """Switch the algorithm (no-op when unchanged)."""
+
+    @property
+    def lab(self) -> LabView:
+        """The network lab: connections, their TCP and TLS facts, socket states."""
 
 
 class AdminError(Exception):
@@ -214,7 +220,7 @@ class AdminServer:
 
     def __init__(self, balancer: AdminHost) -> None:
         self.balancer = balancer
-        self.registry = make_registry(balancer)
+        self.registry = make_registry(balancer, balancer.lab.table)
         self.runner: web.AppRunner | None = None
         self.url = ""
         self.clients: set[SSEClient] = set()
@@ -259,6 +265,7 @@ class AdminServer:
         r.add_put("/api/algorithm", self.algorithm)
         r.add_post("/api/reload", self.reload)
         r.add_get("/static/{name}", self.static)
+        r.add_routes(lab_routes(self.balancer.lab, AdminError))
         return app
 
     async def start(self) -> None:

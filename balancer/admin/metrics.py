@@ -19,6 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from balancer.lab.table import HANDSHAKE_BUCKETS, RTT_BUCKETS_MS, ConnTable
 from balancer.lb.cluster import LATENCY_BUCKETS, Backend
 from balancer.lb.health import STATES
 
@@ -212,10 +213,65 @@ class BalancerCollector(Collector):
         )
 
 
-def make_registry(balancer: MetricsSource) -> CollectorRegistry:
+class LabCollector(Collector):
+    """`lb_tcp_*` and `lb_tls_*` from the network lab's table. RTT samples are taken when a
+    backend connection is looked at (API, dashboard: at most once a second) and when it
+    closes, so the histogram counts samples, not requests."""
+
+    def __init__(self, table: ConnTable) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.table
+        rtt = HistogramMetricFamily(
+            "lb_tcp_rtt_seconds",
+            "Smoothed RTT of backend connections (TCP_INFO), sampled on look and at close",
+            labels=["backend"],
+        )
+        retrans = CounterMetricFamily(
+            "lb_tcp_retransmits",
+            "Segments retransmitted on backend connections (TCP_INFO total_retrans)",
+            labels=["backend"],
+        )
+        bounds = tuple(b / 1000 for b in RTT_BUCKETS_MS)
+        for bid, agg in list(t.backends.items()):
+            rtt.add_metric(
+                [bid], buckets=histogram_buckets(agg.rtt, bounds), sum_value=agg.rtt_sum_ms / 1000
+            )
+            retrans.add_metric([bid], agg.retransmits)
+        open_ = GaugeMetricFamily(
+            "lb_tcp_connections", "Open connections the lab tracks", labels=["side"]
+        )
+        sides = {"client": 0, "backend": 0}
+        for rec in t:
+            sides[rec.side] += 1
+        for side, n in sides.items():
+            open_.add_metric([side], n)
+        duration = HistogramMetricFamily(
+            "lb_tls_handshake_duration_seconds",
+            "Client TLS handshakes, from the TCP accept to the handshake's end",
+        )
+        duration.add_metric(
+            [],
+            buckets=histogram_buckets(t.tls.duration, HANDSHAKE_BUCKETS),
+            sum_value=t.tls.duration_sum,
+        )
+        kinds = CounterMetricFamily(
+            "lb_tls_handshakes_by_kind",
+            "Client TLS handshakes by version, cipher and resumption",
+            labels=["version", "cipher", "resumption"],
+        )
+        for (version, cipher, resumed), n in list(t.tls.by_kind.items()):
+            kinds.add_metric([version, cipher, "resumed" if resumed else "full"], n)
+        yield from (rtt, retrans, open_, duration, kinds)
+
+
+def make_registry(balancer: MetricsSource, table: ConnTable | None = None) -> CollectorRegistry:
     """A registry of its own per balancer: tests run several in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BalancerCollector(balancer))
+    if table is not None:
+        registry.register(LabCollector(table))
     return registry
 
 

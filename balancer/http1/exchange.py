@@ -15,6 +15,7 @@ from balancer.config import Config
 from balancer.http1.head import ForwardOptions, Framing, RequestHead
 from balancer.http1.output import Batch
 from balancer.http1.pool import ConnectionPool
+from balancer.lab.table import ConnTable
 from balancer.lb.cluster import Backend, Cluster
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -117,6 +118,7 @@ class ListenerContext:
         self.access_log = access_log
         self.wallclock = wallclock  # access-log timestamps
         self.clients: set[ClientPort] = set()
+        self.conns = ConnTable(clock)  # the network lab's records, client and backend side
         self.stats = ListenerStats()
         self.draining = False
         # a coarse clock, ticked by the sweeper: deadlines need no syscall per request

@@ -9,6 +9,7 @@ from typing import cast
 
 from balancer.http1.backend import BackendSide
 from balancer.http1.exchange import Exchange, ListenerContext
+from balancer.io import lab
 from balancer.io.transport import TransportOps, nodelay
 from balancer.lb.cluster import Backend
 
@@ -17,6 +18,17 @@ class BackendProtocol(TransportOps, BackendSide, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport)
+        self.rec = lab.track(self.ctx.conns, "backend", transport, self.backend.id)
+
+    def eof_received(self) -> bool | None:
+        rec = self.rec
+        if rec is not None and rec.fin is None:
+            rec.fin = "peer"
+        return None  # as asyncio.Protocol's: the transport closes our half
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lab.closing(self.ctx.conns, self.rec, exc)
+        super().connection_lost(exc)
 
 
 class Connector:

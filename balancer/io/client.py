@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import cast
 
 from balancer.http1.client import ClientSide
 from balancer.http1.exchange import ListenerContext
+from balancer.io import lab
 from balancer.io.transport import TransportOps, nodelay
 
 
 class ClientProtocol(TransportOps, ClientSide, asyncio.Protocol):
+    def __init__(self, ctx: ListenerContext) -> None:
+        super().__init__(ctx)
+        # the factory runs at the TCP accept, before any TLS handshake
+        self.accepted_at = time.perf_counter()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport)
         peer = transport.get_extra_info("peername")
         sslobj = transport.get_extra_info("ssl_object")
+        conns = self.ctx.conns
+        self.rec = rec = lab.track(conns, "client", transport)
         tls = None
         if sslobj is not None:
-            cipher = sslobj.cipher()
-            tls = (sslobj.version() or "", cipher[0] if cipher else "")
+            facts = lab.tls_facts(sslobj, time.perf_counter() - self.accepted_at)
+            conns.tls_done(rec, facts)
+            tls = (facts.version, facts.cipher)
         self.opened(peer[0].encode() if peer else None, tls)
+
+    def eof_received(self) -> bool | None:
+        rec = self.rec
+        if rec is not None and rec.fin is None:
+            rec.fin = "peer"
+        return None  # as asyncio.Protocol's: the transport closes our half
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lab.closing(self.ctx.conns, self.rec, exc)
+        super().connection_lost(exc)
 
 
 class ProxiedClientProtocol(ClientProtocol):

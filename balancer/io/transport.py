@@ -8,6 +8,7 @@ import socket
 import struct
 
 from balancer.http1.output import Batch
+from balancer.lab.table import ConnRecord
 
 
 def loop_batch(loop: asyncio.AbstractEventLoop) -> Batch:
@@ -28,6 +29,7 @@ class TransportOps:
     """Mixed into a connection core, before `asyncio.Protocol`: the core decides, this acts."""
 
     transport: asyncio.Transport
+    rec: ConnRecord | None = None  # the network lab's record (who sent the first FIN)
 
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -42,15 +44,24 @@ class TransportOps:
         t = self.transport
         if not t.can_write_eof():
             return False
+        rec = self.rec
+        if rec is not None and rec.fin is None:
+            rec.fin = "balancer"
         t.write_eof()
         return True
 
     def _close_transport(self) -> None:
+        rec = self.rec
+        if rec is not None and rec.fin is None:
+            rec.fin = "balancer"
         self.transport.close()
 
     def _abort_transport(self) -> None:
         # abort() alone drops the buffer but still ends with a FIN; SO_LINGER 0 makes it a RST
         sock = self.transport.get_extra_info("socket")
+        rec = self.rec
+        if rec is not None and rec.fin is None:
+            rec.fin = "reset"
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)

@@ -15,6 +15,7 @@ ticket keys and the session cache from the front one, so resumption survives rel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -266,6 +267,8 @@ class CertStore:
         certs = self._certs  # one read: a concurrent swap cannot mix two generations
         i = select_index([(c.dns_names, c.ips) for c in certs], server_name)
         ssl_obj.context = certs[i].context
+        with contextlib.suppress(AttributeError):  # the network lab shows it (io/lab.py)
+            ssl_obj.lb_server_name = server_name  # type: ignore[union-attr]
         return None
 
     def reload(self) -> bool:
