@@ -134,6 +134,8 @@ class Balancer:
             for lst in cfg.listeners
             if lst.mode == "tcp"
         ]
+        for tctx in self.tcp:
+            tctx.conns = self.ctx.conns  # one connection table for the network lab
         self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
         self.lab = Lab(
             self.ctx.conns,
