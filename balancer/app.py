@@ -29,6 +29,7 @@ from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
 from balancer.io.client import ClientProtocol
+from balancer.io.h2 import AlpnClientProtocol, SniffProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
@@ -90,6 +91,7 @@ class Balancer:
             self.tls_store = CertStore(
                 [(c, k) for c, k in cfg.tls.certs],
                 client_ca=cfg.tls.client_ca,
+                alpn=("h2", "http/1.1") if cfg.http2 else ("http/1.1",),
             )
         if cfg.tls.backend_ca:
             from pathlib import Path
@@ -188,8 +190,15 @@ class Balancer:
         host, port = split_hostport(self.cfg.listen, "listen")
         ctx = self.ctx
         loop = self.loop
+        factory: Callable[[], asyncio.Protocol]
+        if not self.cfg.http2:
+            factory = lambda: ClientProtocol(ctx)  # noqa: E731
+        elif self.tls_store is not None:
+            factory = lambda: AlpnClientProtocol(ctx)  # noqa: E731
+        else:
+            factory = lambda: SniffProtocol(ctx)  # noqa: E731
         srv = await loop.create_server(
-            lambda: ClientProtocol(ctx),
+            factory,
             host,
             port,
             ssl=self.tls_store.context if self.tls_store is not None else None,

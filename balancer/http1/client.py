@@ -48,6 +48,8 @@ LINGER = 2.0  # seconds we drain a refused client's input before closing
 class ClientSide(Output):
     """A client's connection: parse requests, run exchanges in order, relay responses."""
 
+    h2 = False
+
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.batch = ctx.batch
@@ -160,6 +162,8 @@ class ClientSide(Output):
             cause = exc.__context__
             if isinstance(cause, BadRequest):
                 self._bad(cause.status, cause.reason)
+            elif data.startswith(b"PRI * HTTP/2.0"):
+                self._bad(400, "HTTP/2 is not enabled on this listener")
             else:
                 self._bad(400, "malformed request")
             return

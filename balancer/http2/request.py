@@ -1,0 +1,130 @@
+"""Pure HTTP/2 <-> HTTP/1.1 head translation for one stream: no sockets, no h2 state.
+
+A stream's request head (pseudo-headers and fields, as h2 decoded them) becomes the same
+`RequestHead` an HTTP/1.1 request gives, so the head rules of `balancer.http1.head` and the
+backend request builder apply unchanged; a backend's HTTP/1.1 response head becomes an
+HTTP/2 header list. The rules (RFC 9113 8.2-8.3):
+- `:method`, `:scheme` and `:path` are required once each (CONNECT is refused), pseudo-headers
+  come first and no other one exists; `:authority` wins over `Host` and becomes `Host`.
+- Connection-specific fields never cross: a request carrying them is malformed (h2 checks
+  that too), a response's are dropped, with any field its `Connection` header names.
+- Cookie crumbs are joined with "; " into one `Cookie` field for HTTP/1.1 (8.2.3).
+- A request body without `content-length` goes upstream chunked.
+"""
+
+from __future__ import annotations
+
+from balancer.http1.head import HOP_BY_HOP, BadRequest, RequestHead, inspect_request, split_head
+
+_PSEUDO_REQUEST = frozenset({b":method", b":scheme", b":path", b":authority"})
+# TE is allowed in HTTP/2 only as "trailers"; the rest are connection-specific (8.2.2)
+_FORBIDDEN = frozenset(HOP_BY_HOP - {b"te", b"proxy-authenticate", b"proxy-authorization"})
+
+
+class StreamError(Exception):
+    """A malformed stream: reset it with PROTOCOL_ERROR (the connection's others carry on)."""
+
+
+def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> RequestHead:
+    """The HTTP/1.1 view of a stream's request head. StreamError for a malformed head,
+    BadRequest for one that is well formed HTTP/2 but must be refused with a status."""
+    method = scheme = path = authority = None
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    seen_regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if seen_regular:
+                raise StreamError("pseudo-header after a regular field")
+            if name not in _PSEUDO_REQUEST:
+                raise StreamError("unknown pseudo-header")
+            if name == b":method":
+                if method is not None:
+                    raise StreamError("repeated :method")
+                method = value
+            elif name == b":scheme":
+                if scheme is not None:
+                    raise StreamError("repeated :scheme")
+                scheme = value
+            elif name == b":path":
+                if path is not None:
+                    raise StreamError("repeated :path")
+                path = value
+            else:
+                if authority is not None:
+                    raise StreamError("repeated :authority")
+                authority = value
+            continue
+        seen_regular = True
+        if name in _FORBIDDEN:
+            raise StreamError("connection-specific header field")
+        if name == b"te":
+            if value.strip().lower() != b"trailers":
+                raise StreamError("TE other than trailers")
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host":
+            if authority is not None:
+                continue  # :authority wins (RFC 9113 8.3.1)
+        fields.append((name, value))
+    if method == b"CONNECT":
+        raise BadRequest(405, "CONNECT is not supported")
+    if method is None or scheme is None or not path:
+        raise StreamError("missing :method, :scheme or :path")
+    if authority is not None:
+        if not authority or b"@" in authority:
+            raise StreamError("invalid :authority")
+        fields = [(n, v) for n, v in fields if n != b"host"]
+        fields.append((b"host", authority))
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    if not end_stream and not any(n == b"content-length" for n, _ in fields):
+        fields.append((b"transfer-encoding", b"chunked"))
+    return inspect_request(method, path, "1.1", fields)
+
+
+# response fields that never go to an HTTP/2 client
+_RESPONSE_DROP = HOP_BY_HOP
+
+
+def response_headers(
+    status: int, raw: bytes, extra: list[tuple[bytes, bytes]]
+) -> tuple[list[tuple[bytes, bytes]], int, bool]:
+    """The HTTP/2 header list for a backend's raw HTTP/1.1 response head (status line and
+    field lines), its Content-Length (-1 when it has none) and whether it is chunked."""
+    _, fields = split_head(raw)
+    drop: set[bytes] = set()
+    for name, value in fields:
+        if name.lower() == b"connection":
+            drop.update(t.strip().lower() for t in value.split(b","))
+    out = [(b":status", b"%d" % status)]
+    length = -1
+    chunked = False
+    for name, value in fields:
+        lname = name.lower()
+        if lname in _RESPONSE_DROP or lname in drop:
+            chunked = chunked or lname == b"transfer-encoding"
+            continue
+        if lname == b"content-length":
+            if not value.strip().isdigit():
+                continue
+            length = int(value)
+        out.append((lname, value))
+    out += extra
+    return out, length, chunked
+
+
+def interim_headers(status: int, raw: bytes) -> list[tuple[bytes, bytes]]:
+    """A 1xx response (100 Continue, 103 Early Hints) as an HTTP/2 header list."""
+    headers, _, _ = response_headers(status, raw, [])
+    return [(n, v) for n, v in headers if n != b"content-length"]
+
+
+def error_headers(status: int, body_len: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":status", b"%d" % status),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % body_len),
+    ]
