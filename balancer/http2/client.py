@@ -41,11 +41,12 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from balancer.http1.exchange import BackendPort, Exchange, ListenerContext
 from balancer.http1.head import BadRequest, RequestHead, inspect_request
 from balancer.http1.output import Output
-from balancer.http2.request import StreamError, request_head
+from balancer.http2.request import StreamError, request_head, trailer_fields
 from balancer.http2.stream import Stream
 
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
@@ -54,7 +55,14 @@ RESET_FLOOR = 100  # client resets tolerated before the rapid-reset rule applies
 CONTROL_PER_SECOND = 1000  # SETTINGS + PING + PRIORITY + empty DATA frames
 MAX_UNSENT = 4 << 20  # bytes the client leaves unread before it is cut off
 
-_CONFIG = H2Configuration(client_side=False, header_encoding=None)
+# fields are validated by `request_head` (a malformed one is a stream error, not the end of
+# the connection); h2 still checks framing, states, flow control and content-length
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+)
 
 
 def _placeholder(headers: list[tuple[bytes, bytes]]) -> RequestHead:
@@ -197,7 +205,11 @@ class H2ClientSide(Output):
         elif isinstance(ev, TrailersReceived):
             s = self.streams.get(ev.stream_id)
             if s is not None:
-                s.on_end(ev.headers)
+                try:
+                    s.on_end(trailer_fields(ev.headers))
+                except StreamError:
+                    self.reset(s, ErrorCodes.PROTOCOL_ERROR)
+                    return
                 self._maybe_forget(s)
         elif isinstance(ev, StreamReset):
             s = self.streams.get(ev.stream_id)
@@ -318,7 +330,14 @@ class H2ClientSide(Output):
             return
         if not self.goaway:
             self.goaway = True
-            self.conn.close_connection(code, last_stream_id=self.conn.highest_inbound_stream_id)
+            last = self.conn.highest_inbound_stream_id
+            if code != ErrorCodes.NO_ERROR:
+                self.conn.close_connection(code, last_stream_id=last)
+            else:
+                # h2 sends nothing more once it sent GOAWAY, yet the open streams must
+                # finish: frame this one by hand, behind what h2 has queued
+                frame = GoAwayFrame(0, last_stream_id=last, error_code=0)
+                self._write(self.conn.data_to_send() + frame.serialize())
         if code != ErrorCodes.NO_ERROR or not self.streams:
             self.ctx.stats.bad_requests += code != ErrorCodes.NO_ERROR
             self._close()
@@ -416,6 +435,7 @@ class H2ClientSide(Output):
                 self.conn.close_connection(
                     ErrorCodes.NO_ERROR, last_stream_id=self.conn.highest_inbound_stream_id
                 )
+            self.ready.clear()
             data = self.conn.data_to_send()
             if data:
                 self._write(data)

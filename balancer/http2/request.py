@@ -10,15 +10,25 @@ HTTP/2 header list. The rules (RFC 9113 8.2-8.3):
   that too), a response's are dropped, with any field its `Connection` header names.
 - Cookie crumbs are joined with "; " into one `Cookie` field for HTTP/1.1 (8.2.3).
 - A request body without `content-length` goes upstream chunked.
+- Field names are lowercase tokens and values carry no CR, LF, NUL or other controls and
+  no surrounding whitespace (8.2.1): checked here, on every field, because the values are
+  written into an HTTP/1.1 head (h2's own inbound validation is off: it makes any malformed
+  field a connection error, and costs more than these two regexes).
 """
 
 from __future__ import annotations
+
+import re
 
 from balancer.http1.head import HOP_BY_HOP, BadRequest, RequestHead, inspect_request, split_head
 
 _PSEUDO_REQUEST = frozenset({b":method", b":scheme", b":path", b":authority"})
 # TE is allowed in HTTP/2 only as "trailers"; the rest are connection-specific (8.2.2)
 _FORBIDDEN = frozenset(HOP_BY_HOP - {b"te", b"proxy-authenticate", b"proxy-authorization"})
+
+
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
 
 
 class StreamError(Exception):
@@ -33,6 +43,8 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
     cookies: list[bytes] = []
     seen_regular = False
     for name, value in headers:
+        if _BAD_VALUE.search(value) is not None:
+            raise StreamError("invalid field value")
         if name[:1] == b":":
             if seen_regular:
                 raise StreamError("pseudo-header after a regular field")
@@ -56,6 +68,8 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
                 authority = value
             continue
         seen_regular = True
+        if _NAME.fullmatch(name) is None:
+            raise StreamError("invalid field name")
         if name in _FORBIDDEN:
             raise StreamError("connection-specific header field")
         if name == b"te":
@@ -84,6 +98,19 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
         fields.append((b"transfer-encoding", b"chunked"))
     return inspect_request(method, path, "1.1", fields)
 
+
+def trailer_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Request trailers that may follow a chunked body upstream (StreamError if malformed)."""
+    out = []
+    for name, value in headers:
+        if name[:1] == b":" or _NAME.fullmatch(name) is None or _BAD_VALUE.search(value):
+            raise StreamError("invalid trailer field")
+        if name not in HOP_BY_HOP and name not in _NOT_TRAILERS:
+            out.append((name, value))
+    return out
+
+
+_NOT_TRAILERS = frozenset({b"content-length", b"host", b"content-type", b"authorization"})
 
 # response fields that never go to an HTTP/2 client
 _RESPONSE_DROP = HOP_BY_HOP
