@@ -51,6 +51,7 @@ from balancer.http2.stream import Stream
 
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
 CONNECTION_WINDOW = 1 << 20  # request body in flight on one connection, all streams
+STREAM_WINDOW = 256 * 1024  # request body in flight on one stream
 RESET_FLOOR = 100  # client resets tolerated before the rapid-reset rule applies
 CONTROL_PER_SECOND = 1000  # SETTINGS + PING + PRIORITY + empty DATA frames
 MAX_UNSENT = 4 << 20  # bytes the client leaves unread before it is cut off
@@ -137,6 +138,7 @@ class H2ClientSide(Output):
             initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
         conn.decoder.max_header_list_size = ctx.limits.max_header_bytes

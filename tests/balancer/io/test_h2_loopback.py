@@ -1,0 +1,128 @@
+"""HTTP/2 through a real balancer process: curl and nghttp over TLS (verified against our
+CA) and h2c, one connection's streams spread over the backends, uploads and downloads
+bigger than any buffer, the access log's protocol, the preface with HTTP/2 off."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import Harness, LocalStack
+from harness.h2 import H2Conn
+
+CURL = shutil.which("curl")
+NGHTTP = shutil.which("nghttp")
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    work = tmp_path_factory.mktemp("h2tls")
+    with Harness(work) as h:
+        yield h.stack(
+            tls=True,
+            pki_dir=work / "pki",
+            balancer_args=("--access-log", str(work / "access.log")),
+        )
+
+
+@pytest.fixture(scope="module")
+def plain_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with Harness(tmp_path_factory.mktemp("h2c")) as h:
+        yield h.stack()
+
+
+def curl(*args: str) -> tuple[str, str]:
+    assert CURL is not None
+    res = subprocess.run(
+        [CURL, "-sS", "--max-time", "10", "-w", "\n%{http_version} %{http_code}", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    body, _, last = res.stdout.rpartition("\n")
+    return body, last
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_curl_gets_http2_over_tls_with_the_ca_verified(tls_stack: LocalStack) -> None:
+    assert tls_stack.ca_file is not None
+    body, last = curl("--http2", "--cacert", tls_stack.ca_file, tls_stack.service_url + "/")
+    assert last == "2 200" and body.startswith("hello from b")
+    _, last = curl("--http1.1", "--cacert", tls_stack.ca_file, tls_stack.service_url + "/")
+    assert last == "1.1 200"  # ALPN h2,http/1.1: the client chooses
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_curl_gets_h2c_with_prior_knowledge_beside_http1(plain_stack: LocalStack) -> None:
+    url = plain_stack.service_url + "/"
+    assert curl("--http2-prior-knowledge", url)[1] == "2 200"
+    assert curl("--http1.1", url)[1] == "1.1 200"  # the same port
+    assert curl("--http2", url)[1] == "1.1 200"  # Upgrade: h2c is served as HTTP/1.1
+
+
+@pytest.mark.skipif(NGHTTP is None, reason="nghttp (nghttp2-client) is not installed")
+def test_nghttp_verifies_our_certificate_and_gets_http2(tls_stack: LocalStack) -> None:
+    assert NGHTTP is not None and tls_stack.ca_file is not None
+    env = {**os.environ, "SSL_CERT_FILE": tls_stack.ca_file}
+    res = subprocess.run(
+        [NGHTTP, "-v", "-n", f"https://localhost:{tls_stack.service_port}/"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=env,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert ":status: 200" in out and "verification failed" not in out.lower()
+
+
+def test_round_robin_spreads_one_connections_streams_over_every_backend(
+    tls_stack: LocalStack,
+) -> None:
+    assert tls_stack.ca_file is not None
+    with H2Conn(tls_stack.host, tls_stack.service_port, ca_file=tls_stack.ca_file) as c:
+        replies = c.get(["/"] * 30)
+    assert all(r.status == 200 and r.ended for r in replies)
+    shares = Counter(r.backend for r in replies)
+    assert set(shares) == {"b1", "b2", "b3"} and all(n == 10 for n in shares.values())
+
+
+def test_a_big_download_and_upload_pass_whole_through_one_stream(tls_stack: LocalStack) -> None:
+    assert tls_stack.ca_file is not None
+    n = 20 << 20
+    with H2Conn(tls_stack.host, tls_stack.service_port, ca_file=tls_stack.ca_file) as c:
+        (down,) = c.get([f"/bytes?n={n}"], timeout=30)
+        assert down.status == 200 and len(down.body) == n
+        assert down.body == (bytes(range(256)) * (n // 256))
+        body = os.urandom(1 << 20) * 8
+        sid = c.send("/upload", method="POST", body=body)
+        (up,) = c.wait([sid], timeout=30)
+    assert up.status == 200
+    assert json.loads(up.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_the_access_log_records_the_protocol(tls_stack: LocalStack, tmp_path: Path) -> None:
+    assert tls_stack.ca_file is not None
+    with H2Conn(tls_stack.host, tls_stack.service_port, ca_file=tls_stack.ca_file) as c:
+        c.get(["/?marker=h2log"])
+    log = Path(tls_stack.workdir).parent / "access.log"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if "marker=h2log" in x]
+    assert lines and lines[-1]["protocol"] == "HTTP/2"
+
+
+def test_with_http2_off_a_preface_gets_a_short_400(harness: Harness) -> None:
+    stack = harness.stack(balancer_args=("--no-http2",))
+    with socket.create_connection((stack.host, stack.service_port), timeout=5) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b"\r\n\r\n400 Bad Request: HTTP/2 is not enabled on this listener\n")
