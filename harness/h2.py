@@ -172,7 +172,7 @@ class H2Conn:
             elif isinstance(ev, StreamReset) and r is not None:
                 r.reset = int(ev.error_code)
             elif isinstance(ev, ConnectionTerminated):
-                self.goaway = int(ev.error_code)
+                self.goaway = int(ev.error_code or 0)
                 self.goaway_last = ev.last_stream_id
         self.flush()
         return True
