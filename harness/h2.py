@@ -23,6 +23,7 @@ from h2.events import (
     StreamReset,
 )
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
 
 IO_TIMEOUT = 5.0
 
@@ -49,7 +50,7 @@ class H2Conn:
         ca_file: str | None = None,
         server_name: str = "localhost",
         validate: bool = True,
-        settings: dict[int, int] | None = None,
+        settings: dict[SettingCodes, int] | None = None,
         timeout: float = IO_TIMEOUT,
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -67,8 +68,8 @@ class H2Conn:
             client_side=True, header_encoding=None, validate_outbound_headers=validate
         )
         self.h2 = H2Connection(cfg)
-        if settings:
-            self.h2.local_settings.update(settings)
+        if settings:  # in the first SETTINGS frame (assigning values would wait for an ACK)
+            self.h2.local_settings = Settings(client=True, initial_values=settings)
         self.h2.initiate_connection()
         self.authority = f"{server_name}:{port}".encode()
         self.scheme = b"https" if ca_file is not None else b"http"

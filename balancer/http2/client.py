@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -175,16 +175,24 @@ class H2ClientSide(Output):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        conn = self.conn
         try:
-            events = self.conn.receive_data(data)
-        except ProtocolError:
-            # h2 queued a GOAWAY with the right code (PROTOCOL_ERROR, ENHANCE_YOUR_CALM,
-            # FRAME_SIZE_ERROR, ...): send it and close
+            for ev in conn.receive_data(data):
+                if self.closed:
+                    return
+                self._event(ev)
+        except ProtocolError as exc:
+            # a connection error (a bad preface, a CONTINUATION flood, an HPACK bomb, too many
+            # streams, ...): GOAWAY with its code (h2 queued it for most), then close
             self.ctx.stats.bad_requests += 1
+            if not self.goaway:
+                self.goaway = True
+                if conn.state_machine.state is not ConnectionState.CLOSED:
+                    conn.close_connection(
+                        exc.error_code, last_stream_id=conn.highest_inbound_stream_id
+                    )
             self._close()
             return
-        for ev in events:
-            self._event(ev)
         if not self.closed:
             self._kick()
 
