@@ -487,6 +487,7 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
+        listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if self.cfg.http2 else ["HTTP/1.1"]
         stats = self.stats
         return {
             "algorithm": cluster.algorithm,

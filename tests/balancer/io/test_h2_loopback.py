@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Harness, LocalStack
+from harness import Harness, LocalStack, wait_until
 from harness.h2 import H2Conn
 
 CURL = shutil.which("curl")
@@ -126,3 +126,27 @@ def test_with_http2_off_a_preface_gets_a_short_400(harness: Harness) -> None:
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert answer.endswith(b"\r\n\r\n400 Bad Request: HTTP/2 is not enabled on this listener\n")
+
+
+def test_state_and_metrics_show_the_protocol_mix_and_streams(tls_stack: LocalStack) -> None:
+    assert tls_stack.ca_file is not None
+    lb = tls_stack.balancers[0]
+    before = lb.state()["stats"]
+    with H2Conn(tls_stack.host, tls_stack.service_port, ca_file=tls_stack.ca_file) as c:
+        c.get(["/"] * 6)
+        during = lb.state()
+    curl("--http1.1", "--cacert", tls_stack.ca_file, tls_stack.service_url + "/")
+    assert wait_until(lambda: lb.state()["stats"]["connections_open"] == 0, 5.0)
+    stats = lb.state()["stats"]
+    assert during["listener"]["protocols"] == ["HTTP/1.1", "HTTP/2"]
+    assert during["stats"]["h2_connections_open"] == before["h2_connections_open"] + 1
+    assert stats["h2_streams_total"] == before["h2_streams_total"] + 6
+    assert stats["h2_connections_total"] == before["h2_connections_total"] + 1
+    assert stats["connections_total"] == before["connections_total"] + 2  # one of each
+    assert stats["h2_streams_open"] == 0 and stats["h2_connections_open"] == 0
+    metrics = lb.admin("/metrics").body.decode()
+    h2 = stats["h2_streams_total"]
+    assert f'lb_protocol_requests_total{{listener="public",protocol="HTTP/2"}} {h2}.0' in metrics
+    h1 = stats["requests_total"] - h2
+    assert f'lb_protocol_requests_total{{listener="public",protocol="HTTP/1.1"}} {h1}.0' in metrics
+    assert "lb_h2_streams_open 0.0" in metrics
