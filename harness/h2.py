@@ -50,13 +50,14 @@ class H2Conn:
         ca_file: str | None = None,
         server_name: str = "localhost",
         validate: bool = True,
+        use_system_ca: bool = False,
         settings: dict[SettingCodes, int] | None = None,
         timeout: float = IO_TIMEOUT,
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ca_file is not None:
-            ctx = ssl.create_default_context(cafile=ca_file)
+        if ca_file is not None or use_system_ca:
+            ctx = ssl.create_default_context(cafile=ca_file)  # verified, always
             ctx.set_alpn_protocols(["h2"])
             sock = ctx.wrap_socket(sock, server_hostname=server_name)
             if sock.selected_alpn_protocol() != "h2":
@@ -72,7 +73,7 @@ class H2Conn:
             self.h2.local_settings = Settings(client=True, initial_values=settings)
         self.h2.initiate_connection()
         self.authority = f"{server_name}:{port}".encode()
-        self.scheme = b"https" if ca_file is not None else b"http"
+        self.scheme = b"https" if ca_file is not None or use_system_ca else b"http"
         self.replies: dict[int, Reply] = {}
         self.goaway: int | None = None  # the GOAWAY error code once one arrived
         self.goaway_last: int | None = None
