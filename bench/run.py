@@ -124,6 +124,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each row")
     p.add_argument("--connections", type=_positive, default=64)
+    p.add_argument(
+        "--h2-connections",
+        type=_positive,
+        default=16,
+        help="h2-tls: h2load clients, each with 10 streams (default 16: 160 in flight)",
+    )
     p.add_argument("--modes", type=_csv(list(MODES), "mode"), default=DEFAULT_MODES)
     p.add_argument("--proxies", type=_csv(PROXIES, "proxy"), default=list(PROXIES))
     p.add_argument("--backends", type=int, choices=(2, 3), default=2)
@@ -198,6 +204,7 @@ def metadata(args: argparse.Namespace, tools: dict[str, str], pins: Pins) -> dic
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
+        "h2_connections": args.h2_connections,
         "wrk_threads": 1,
         "backends": args.backends,
         "modes": args.modes,
@@ -336,7 +343,7 @@ def run_load(
     if mode.loadgen == "h2load":
         name = "h2load"
         cmd = h2load.h2load_command(
-            url, duration_s=duration, connections=args.connections, cpu=pins.load
+            url, duration_s=duration, connections=args.h2_connections, cpu=pins.load
         )
     elif mode.loadgen == "handshake":
         if tls is None:

@@ -46,6 +46,7 @@ from hyperframe.frame import GoAwayFrame
 from balancer.http1.exchange import BackendPort, Exchange, ListenerContext
 from balancer.http1.head import BadRequest, RequestHead, inspect_request
 from balancer.http1.output import Output
+from balancer.http2.hpack import StatelessEncoder
 from balancer.http2.request import StreamError, request_head, trailer_fields
 from balancer.http2.stream import Stream
 
@@ -57,12 +58,15 @@ CONTROL_PER_SECOND = 1000  # SETTINGS + PING + PRIORITY + empty DATA frames
 MAX_UNSENT = 4 << 20  # bytes the client leaves unread before it is cut off
 
 # fields are validated by `request_head` (a malformed one is a stream error, not the end of
-# the connection); h2 still checks framing, states, flow control and content-length
+# the connection) and response heads are built lowercase without connection-specific fields
+# (`response_headers`); h2 still checks framing, states, flow control and content-length
 _CONFIG = H2Configuration(
     client_side=False,
     header_encoding=None,
     validate_inbound_headers=False,
     normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
 )
 
 
@@ -87,6 +91,7 @@ class H2ClientSide(Output):
         self.ctx = ctx
         self.batch = ctx.batch
         self.conn = H2Connection(config=_CONFIG)
+        self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.client_ip = b"unknown"
         self.tls: tuple[str, str] | None = None
         self.streams: dict[int, Stream] = {}
