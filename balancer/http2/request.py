@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from balancer.http1.head import HOP_BY_HOP, BadRequest, RequestHead, inspect_request, split_head
+from balancer.http1.head import HOP_BY_HOP, BadRequest, RequestHead, inspect_request
 
 _PSEUDO_REQUEST = frozenset({b":method", b":scheme", b":path", b":authority"})
 # TE is allowed in HTTP/2 only as "trailers"; the rest are connection-specific (8.2.2)
@@ -112,8 +112,8 @@ def trailer_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
 
 _NOT_TRAILERS = frozenset({b"content-length", b"host", b"content-type", b"authorization"})
 
-# response fields that never go to an HTTP/2 client
-_RESPONSE_DROP = HOP_BY_HOP
+# one field line of a head llhttp already parsed (no obs-fold, no bare CR or LF)
+_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
 def response_headers(
@@ -121,26 +121,40 @@ def response_headers(
 ) -> tuple[list[tuple[bytes, bytes]], int, bool]:
     """The HTTP/2 header list for a backend's raw HTTP/1.1 response head (status line and
     field lines), its Content-Length (-1 when it has none) and whether it is chunked."""
-    _, fields = split_head(raw)
-    drop: set[bytes] = set()
-    for name, value in fields:
-        if name.lower() == b"connection":
-            drop.update(t.strip().lower() for t in value.split(b","))
+    block = raw[raw.find(b"\r\n") + 2 :]
+    if not block.endswith(b"\r\n"):
+        block += b"\r\n"
     out = [(b":status", b"%d" % status)]
+    out += [(n.lower(), v) for n, v in _FIELD.findall(block)]
     length = -1
     chunked = False
-    for name, value in fields:
-        lname = name.lower()
-        if lname in _RESPONSE_DROP or lname in drop:
-            chunked = chunked or lname == b"transfer-encoding"
-            continue
-        if lname == b"content-length":
-            if not value.strip().isdigit():
+    filter_out = False
+    drop: set[bytes] | None = None
+    for name, value in out:
+        if name in _SPECIAL:
+            if name == b"content-length":
+                if value.isdigit():
+                    length = int(value)
+                else:
+                    filter_out = True
                 continue
-            length = int(value)
-        out.append((lname, value))
-    out += extra
-    return out, length, chunked
+            filter_out = True  # hop-by-hop: never sent in HTTP/2
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                drop = {t.strip().lower() for t in value.split(b",")}
+    if filter_out:
+        out = [
+            (n, v)
+            for n, v in out
+            if n not in HOP_BY_HOP
+            and (drop is None or n not in drop)
+            and (n != b"content-length" or v.isdigit())
+        ]
+    return out + extra, length, chunked
+
+
+_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 
 def interim_headers(status: int, raw: bytes) -> list[tuple[bytes, bytes]]:

@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +152,23 @@ def test_state_and_metrics_show_the_protocol_mix_and_streams(tls_stack: LocalSta
     h1 = stats["requests_total"] - h2
     assert f'lb_protocol_requests_total{{listener="public",protocol="HTTP/1.1"}} {h1}.0' in metrics
     assert "lb_h2_streams_open 0.0" in metrics
+
+
+@pytest.mark.skipif(NGHTTP is None, reason="nghttp (nghttp2-client) is not installed")
+def test_a_graceful_stop_sends_goaway_and_lets_open_streams_finish(harness: Harness) -> None:
+    stack = harness.stack(tls=True, pki_dir=harness.workdir / "pki", admin=False)
+    assert NGHTTP is not None and stack.ca_file is not None
+    env = {**os.environ, "SSL_CERT_FILE": stack.ca_file}
+    url = f"https://localhost:{stack.service_port}/delay?ms=1500"
+    with subprocess.Popen(
+        [NGHTTP, "-v", url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as client:
+        time.sleep(0.5)  # the request is at a backend (which takes 1.5 s)
+        stack.balancers[0].signal(signal.SIGTERM)
+        out, _ = client.communicate(timeout=15)
+    assert client.returncode == 0, out
+    goaway = out.index("recv GOAWAY frame")
+    assert "last_stream_id=13, error_code=NO_ERROR" in out[goaway : goaway + 200], out
+    assert goaway < out.index(":status: 200")  # GOAWAY first, then the open stream's answer
+    assert "verification failed" not in out.lower()
+    assert stack.balancers[0].wait(10.0) == 0
