@@ -46,7 +46,7 @@ from hyperframe.frame import GoAwayFrame
 from balancer.http1.exchange import BackendPort, Exchange, ListenerContext
 from balancer.http1.head import BadRequest, RequestHead, inspect_request
 from balancer.http1.output import Output
-from balancer.http2.hpack import StatelessEncoder
+from balancer.http2.hpack import FastDecoder, StatelessEncoder
 from balancer.http2.request import StreamError, request_head, trailer_fields
 from balancer.http2.stream import Stream
 
@@ -92,6 +92,7 @@ class H2ClientSide(Output):
         self.batch = ctx.batch
         self.conn = H2Connection(config=_CONFIG)
         self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
+        self.conn.decoder = FastDecoder()
         self.client_ip = b"unknown"
         self.tls: tuple[str, str] | None = None
         self.streams: dict[int, Stream] = {}
