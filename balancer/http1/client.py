@@ -434,6 +434,9 @@ class ClientSide(Output):
         if self.paused:
             self._resume()
 
+    def in_flight(self) -> list[Exchange]:
+        return [self.current] if self.current is not None else []
+
     def sweep(self, now: float) -> None:
         """Enforce this connection's deadlines and its exchange's response deadline."""
         if self.closed:
@@ -520,13 +523,13 @@ def rescue_in_flight(ctx: ListenerContext, backend: Backend) -> int:
     """
     moved = 0
     for conn in list(ctx.clients):
-        ex = conn.current
-        if ex is None or ex.backend is not backend or ex.response_started:
-            continue
-        up = ex.backend_conn
-        if up is None:
-            continue
-        up.detach()
-        conn.backend_failed(ex, "timeout", reached=True)
-        moved += 1
+        for ex in conn.in_flight():  # an HTTP/2 connection has one per open stream
+            if ex.backend is not backend or ex.response_started:
+                continue
+            up = ex.backend_conn
+            if up is None:
+                continue
+            up.detach()
+            ex.client.backend_failed(ex, "timeout", reached=True)
+            moved += 1
     return moved

@@ -476,6 +476,9 @@ class H2ClientSide(Output):
     def start_tunnel(self, up: BackendPort, ex: Exchange) -> None:
         ex.client.start_tunnel(up, ex)
 
+    def in_flight(self) -> list[Exchange]:
+        return [s.current for s in self.streams.values() if s.current is not None]
+
     def sweep(self, now: float) -> None:
         if self.closed:
             return

@@ -79,9 +79,8 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
         if name == b"cookie":
             cookies.append(value)
             continue
-        if name == b"host":
-            if authority is not None:
-                continue  # :authority wins (RFC 9113 8.3.1)
+        if name == b"host" and authority is not None:
+            continue  # :authority wins (RFC 9113 8.3.1); pseudo-headers come first
         fields.append((name, value))
     if method == b"CONNECT":
         raise BadRequest(405, "CONNECT is not supported")
@@ -90,7 +89,6 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
     if authority is not None:
         if not authority or b"@" in authority:
             raise StreamError("invalid :authority")
-        fields = [(n, v) for n, v in fields if n != b"host"]
         fields.append((b"host", authority))
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))

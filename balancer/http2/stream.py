@@ -264,6 +264,9 @@ class Stream:
         self.ctx.stats.overload_rejections += 1
         self.respond_error(ex, 503, "timed out waiting for a backend")
 
+    def in_flight(self) -> list[Exchange]:
+        return [self.current] if self.current is not None else []
+
     def sweep(self, now: float) -> None:
         ex = self.ex
         if ex is None or self.closed:

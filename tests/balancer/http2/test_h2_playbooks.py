@@ -6,6 +6,8 @@ from __future__ import annotations
 from h2book import Peer, goaway_code, ok
 from playbook import Playbook, request_line
 
+from balancer.http1.client import rescue_in_flight
+
 
 def test_the_streams_of_one_connection_are_spread_over_the_backends() -> None:
     pb = Playbook(backends=3)
@@ -246,3 +248,28 @@ def test_a_stream_whose_window_stays_shut_is_cancelled() -> None:
     peer.receive()
     assert peer.responses[sid].reset == 8  # CANCEL
     assert conn.ended() == "close" and pb.ctx.stats.h2_streams_open == 0
+
+
+def test_authority_wins_over_a_host_field() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb, validate=False)  # h2's client refuses to send a mismatch
+    peer.request(extra=[(b"host", b"other")])
+    head = pb.connect().written().lower()
+    assert b"\r\nhost: x\r\n" in head and b"other" not in head
+
+
+def test_a_backend_declared_down_has_every_waiting_stream_moved_off_it() -> None:
+    pb = Playbook(backends=2)
+    peer = Peer(pb)
+    sids = [peer.request(b"/%d" % i) for i in range(3)]
+    conns = [pb.connect() for _ in range(3)]
+    down = conns[0].backend
+    on_down = [c for c in conns if c.backend is down]
+    assert len(on_down) == 2  # round robin: streams 1 and 3 on one backend, one connection
+    assert rescue_in_flight(pb.ctx, down) == 2
+    moved = [pb.connect(), pb.connect()]
+    assert all(c.backend is not down for c in moved)
+    for c in [*moved, *(c for c in conns if c.backend is not down)]:
+        pb.feed(c, ok())
+    peer.receive()
+    assert [peer.responses[s].status for s in sids] == [200, 200, 200]
