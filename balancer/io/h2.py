@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from balancer.http1.exchange import ListenerContext
+from balancer.http1.client import ClientSide
 from balancer.http2.client import H2ClientSide
 from balancer.io.client import ClientProtocol
 from balancer.io.transport import TransportOps, nodelay
@@ -48,34 +48,34 @@ class AlpnClientProtocol(ClientProtocol):
         super().connection_made(transport)
 
 
-class SniffProtocol(asyncio.Protocol):
-    """A plain listener's connection until its first bytes say HTTP/2 (the preface) or not.
-    (With HTTP/2 off the listener runs `ClientProtocol` alone, which answers a preface with
-    a short 400.)"""
+class SniffProtocol(ClientProtocol):
+    """A plain listener's connection: HTTP/1.1 unless its first bytes are the HTTP/2
+    connection preface (prior knowledge). It is an HTTP/1.1 connection from the start, so
+    the connection limit, draining and the idle deadline apply before a byte arrives.
+    (With HTTP/2 off the listener runs `ClientProtocol`, which answers a preface with a
+    short 400.)"""
 
-    def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.buf = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+    sniffed = b""  # the start of a preface, until it is whole
 
     def data_received(self, data: bytes) -> None:
-        t = self.transport
-        if t is None:
-            return
-        buf = self.buf + data
+        buf = self.sniffed + data if self.sniffed else data
         n = min(len(buf), len(PREFACE))
         if buf[:n] == PREFACE[:n] and n < len(PREFACE):
-            self.buf = buf  # at most 23 bytes: wait for the rest of the preface
+            self.sniffed = buf  # at most 23 bytes: wait for the rest of the preface
             return
-        h2 = buf.startswith(PREFACE)
-        proto: asyncio.Protocol = H2ClientProtocol(self.ctx) if h2 else ClientProtocol(self.ctx)
-        t.set_protocol(proto)
-        proto.connection_made(t)
-        if not t.is_closing():
-            proto.data_received(buf)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+        if not buf.startswith(PREFACE):
+            # HTTP/1.1 for good: become a plain ClientProtocol, so later bytes go straight
+            # to ClientSide.data_received with no check per packet
+            self.__class__ = ClientProtocol  # type: ignore[assignment]
+            ClientSide.data_received(self, buf)
+            return
+        # hand the transport to HTTP/2; this connection was counted as HTTP/1.1: undo that
+        ctx = self.ctx
+        self.closed = True
+        ctx.clients.discard(self)
+        ctx.stats.connections_open -= 1
+        ctx.stats.connections_total -= 1
+        h2 = H2ClientProtocol(ctx)
+        self.transport.set_protocol(h2)
+        h2.connection_made(self.transport)
+        h2.data_received(buf)

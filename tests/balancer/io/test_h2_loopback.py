@@ -172,3 +172,33 @@ def test_a_graceful_stop_sends_goaway_and_lets_open_streams_finish(harness: Harn
     assert goaway < out.index(":status: 200")  # GOAWAY first, then the open stream's answer
     assert "verification failed" not in out.lower()
     assert stack.balancers[0].wait(10.0) == 0
+
+
+def test_a_preface_split_over_packets_is_still_http2(plain_stack: LocalStack) -> None:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import ResponseReceived
+
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    h2.initiate_connection()
+    h2.send_headers(
+        1,
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"x")],
+        end_stream=True,
+    )
+    data = h2.data_to_send()
+    with socket.create_connection((plain_stack.host, plain_stack.service_port), 5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in (data[:3], data[3:20], data[20:]):  # the preface is 24 bytes
+            s.sendall(part)
+            time.sleep(0.05)
+        events: list[object] = []
+        for _ in range(20):  # bounded: a few reads bring the answer
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            events += h2.receive_data(chunk)
+            if any(isinstance(e, ResponseReceived) for e in events):
+                break
+    (resp,) = [e for e in events if isinstance(e, ResponseReceived)]
+    assert dict(resp.headers)[b":status"] == b"200"
