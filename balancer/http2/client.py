@@ -44,10 +44,10 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from balancer.http1.exchange import BackendPort, Exchange, ListenerContext
-from balancer.http1.head import BadRequest, RequestHead, inspect_request
+from balancer.http1.head import BadRequest
 from balancer.http1.output import Output
 from balancer.http2.hpack import FastDecoder, StatelessEncoder
-from balancer.http2.request import StreamError, request_head, trailer_fields
+from balancer.http2.request import StreamError, placeholder, request_head, trailer_fields
 from balancer.http2.stream import Stream
 
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
@@ -68,16 +68,6 @@ _CONFIG = H2Configuration(
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
-
-
-def _placeholder(headers: list[tuple[bytes, bytes]]) -> RequestHead:
-    """A refused request's head, for its access-log line: method and path as sent."""
-    pseudo = dict(h for h in headers if h[0][:1] == b":")
-    path = pseudo.get(b":path", b"/")
-    try:
-        return inspect_request(pseudo.get(b":method", b"GET"), path, "1.1", [(b"host", b"-")])
-    except BadRequest:
-        return inspect_request(b"GET", b"/", "1.1", [(b"host", b"-")])
 
 
 class H2ClientSide(Output):
@@ -266,7 +256,7 @@ class H2ClientSide(Output):
     def _request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         ctx = self.ctx
         if self.goaway or ctx.draining:
-            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self._refuse(sid, ErrorCodes.REFUSED_STREAM)
             return
         stats = ctx.stats
         stats.requests_total += 1
@@ -281,11 +271,11 @@ class H2ClientSide(Output):
                 raise BadRequest(413, "request body too large")
         except StreamError:
             stats.bad_requests += 1
-            self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            self._refuse(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         except BadRequest as exc:
             stats.bad_requests += 1
-            ex = Exchange(s, _placeholder(headers), True)
+            ex = Exchange(s, placeholder(headers), True)
             ex.started = ctx.clock()
             self._add(s)
             s.ex = ex
@@ -293,6 +283,12 @@ class H2ClientSide(Output):
             return
         self._add(s)
         s.start(Exchange(s, req, True))
+
+    def _refuse(self, sid: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(sid, code)
+        except ProtocolError:
+            pass  # the connection is closing already
 
     def _add(self, s: Stream) -> None:
         self.streams[s.sid] = s

@@ -167,3 +167,13 @@ def error_headers(status: int, body_len: int) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", b"%d" % body_len),
     ]
+
+
+def placeholder(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    """A refused request's head, for its access-log line: method and path as sent."""
+    pseudo = dict(h for h in headers if h[0][:1] == b":")
+    path = pseudo.get(b":path", b"/")
+    try:
+        return inspect_request(pseudo.get(b":method", b"GET"), path, "1.1", [(b"host", b"-")])
+    except BadRequest:
+        return inspect_request(b"GET", b"/", "1.1", [(b"host", b"-")])

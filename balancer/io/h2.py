@@ -55,18 +55,22 @@ class SniffProtocol(ClientProtocol):
     (With HTTP/2 off the listener runs `ClientProtocol`, which answers a preface with a
     short 400.)"""
 
+    sniffing = True
     sniffed = b""  # the start of a preface, until it is whole
 
     def data_received(self, data: bytes) -> None:
+        # one check per packet on plain HTTP/2-enabled listeners (switching __class__ to
+        # drop it broke keep-alive under uvloop: the second request's connection died)
+        if not self.sniffing:
+            ClientSide.data_received(self, data)
+            return
         buf = self.sniffed + data if self.sniffed else data
         n = min(len(buf), len(PREFACE))
         if buf[:n] == PREFACE[:n] and n < len(PREFACE):
             self.sniffed = buf  # at most 23 bytes: wait for the rest of the preface
             return
+        self.sniffing = False
         if not buf.startswith(PREFACE):
-            # HTTP/1.1 for good: become a plain ClientProtocol, so later bytes go straight
-            # to ClientSide.data_received with no check per packet
-            self.__class__ = ClientProtocol  # type: ignore[assignment]
             ClientSide.data_received(self, buf)
             return
         # hand the transport to HTTP/2; this connection was counted as HTTP/1.1: undo that

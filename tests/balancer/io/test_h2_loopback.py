@@ -202,3 +202,17 @@ def test_a_preface_split_over_packets_is_still_http2(plain_stack: LocalStack) ->
                 break
     (resp,) = [e for e in events if isinstance(e, ResponseReceived)]
     assert dict(resp.headers)[b":status"] == b"200"
+
+
+def test_http1_keep_alive_still_works_beside_h2c(plain_stack: LocalStack) -> None:
+    # the first bytes decide the protocol; every later request on the connection is HTTP/1.1
+    with socket.create_connection((plain_stack.host, plain_stack.service_port), 5) as s:
+        f = s.makefile("rb")
+        for _ in range(3):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert f.readline().startswith(b"HTTP/1.1 200 ")
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert f.read(length).startswith(b"hello from b")
