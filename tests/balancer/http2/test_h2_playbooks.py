@@ -273,3 +273,17 @@ def test_a_backend_declared_down_has_every_waiting_stream_moved_off_it() -> None
         pb.feed(c, ok())
     peer.receive()
     assert [peer.responses[s].status for s in sids] == [200, 200, 200]
+
+
+def test_an_idle_connection_gets_goaway_and_is_closed() -> None:
+    pb = Playbook(backends=1, timeouts={"idle_keepalive": 10.0})
+    peer = Peer(pb)
+    sid = peer.request()
+    pb.feed(pb.connect(), ok())
+    peer.receive()
+    assert peer.responses[sid].ended
+    pb.advance(5.0)
+    assert peer.side.ended() is None  # idle, but not for long enough
+    pb.advance(6.0)
+    peer.receive()
+    assert goaway_code(peer) == 0 and peer.side.ended() == "close"
