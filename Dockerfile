@@ -17,14 +17,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-# VIP tools (ip, arping), tini as PID 1 and socat for the entry relay. The local base
-# already has them; python:3.12-slim does not.
+# VIP tools (ip, arping), tini as PID 1 (the entry relay is our balancer in TCP mode) and
+# iptables for the impairment helper on kernels without sch_netem. The local base has them;
+# python:3.12-slim does not.
 RUN set -eu; \
     if ! command -v ip >/dev/null || ! command -v arping >/dev/null \
-        || ! command -v tini >/dev/null || ! command -v socat >/dev/null; then \
+        || ! command -v tini >/dev/null || ! command -v iptables >/dev/null; then \
         apt-get update; \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            iproute2 iputils-arping tini socat; \
+            iproute2 iputils-arping tini iptables; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 lb; \

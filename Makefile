@@ -41,11 +41,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1]
+# make local [ALGORITHM=least-connections] [TLS=1] [PAIR=1] [MODE=tcp [TCP_PORT=8081]]
 #            [LISTEN_PORT=8080] [ADMIN_PORTS=9000 | with PAIR=1: 9001,9002] [BACKEND_PORTS=9101,9102,9103]
 #            [ELECTION_PORTS=7946,7947]  (UDP, PAIR=1 only)
 local: $(STAMP)
 	$(BIN)/python -m loadtest.local $(if $(ALGORITHM),--algorithm $(ALGORITHM)) \
+		$(if $(MODE),--mode $(MODE)) $(if $(TCP_PORT),--tcp-port $(TCP_PORT)) \
 		$(if $(TLS),--tls) $(if $(PAIR),--pair) $(if $(LISTEN_PORT),--listen-port $(LISTEN_PORT)) \
 		$(if $(ADMIN_PORTS),--admin-ports $(ADMIN_PORTS)) \
 		$(if $(BACKEND_PORTS),--backend-ports $(BACKEND_PORTS)) \
@@ -72,11 +73,16 @@ drill: $(STAMP)
 		--md out/drill-$(or $(SCENARIO),kill-backend).md \
 		--plot out/drill-$(or $(SCENARIO),kill-backend).png
 
-# make soak [SOAK_MINUTES=10]
+# make soak [SOAK_MINUTES=10]; make soak CHAOS=1 [SOAK_MINUTES=60] [SEED=1]
 soak: $(STAMP)
 	mkdir -p out
+ifdef CHAOS
+	$(BIN)/python -m loadtest.soak --chaos --minutes $(or $(SOAK_MINUTES),60) \
+		--seed $(or $(SEED),1) --json out/chaos.json --md out/chaos.md --plot out/chaos.png
+else
 	$(BIN)/python -m loadtest.soak --minutes $(or $(SOAK_MINUTES),10) --json out/soak.json \
 		--plot out/soak.png
+endif
 
 # The Dockerfile defaults to python:3.12-slim; with no registry, build a Debian base locally.
 base-image:
@@ -87,7 +93,7 @@ image:
 	if [ -z "$$base" ]; then \
 	  if docker image inspect python:3.12-slim >/dev/null 2>&1 \
 	     || timeout 60 docker pull -q python:3.12-slim >/dev/null 2>&1; then base=python:3.12-slim; \
-	  else tools/build-base-image.sh $(BASE_TAG) && base=$(BASE_TAG); fi; \
+	  else tools/build-base-image.sh $(BASE_TAG) || exit 1; base=$(BASE_TAG); fi; \
 	fi; \
 	echo "base image: $$base"; \
 	docker build --build-arg BASE_IMAGE=$$base -t $(IMAGE) .
@@ -96,10 +102,10 @@ image:
 # make up [LB_SUBNET=172.29.0.0/24]: with no LB_SUBNET, a free /24 is chosen (see tools/choose_subnet.py)
 up: subnet image
 	@vars="$$(tools/choose_subnet.py)" || exit 2; export $$vars; \
-	echo "network    $$LB_SUBNET (VIP $$LB_VIP, balancer-a $$LB_IP_A, balancer-b $$LB_IP_B)"; \
+	echo "network    $$LB_SUBNET (VIP $$LB_VIP, balancer-a $$LB_IP_A, balancer-b $$LB_IP_B, entry $$LB_IP_ENTRY)"; \
 	$(COMPOSE) up -d --no-build --scale backend=$(BACKENDS)
 	@echo "service    https://localhost:8443   (make ca-cert, then curl --cacert pki/ca.crt)"
-	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)"
+	@echo "dashboards http://localhost:9001 (balancer-a)  http://localhost:9002 (balancer-b)  http://localhost:9003 (entry)"
 	@echo "           reads are open; drain/maint/algorithm need the token: make admin-token"
 	@echo "locust     http://localhost:8089"
 	@$(if $(LOCUST_MASTER_BIND),echo "locust     workers join at $(LOCUST_MASTER_BIND):5557 (--worker --master-host THIS_HOST)")

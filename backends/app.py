@@ -36,6 +36,10 @@ DELAY_KEY = web.AppKey("backend_delay_ms", int)
 HEALTH_KEY = web.AppKey("backend_health", Health)
 _Sockets = weakref.WeakSet[web.WebSocketResponse]
 SOCKETS_KEY: web.AppKey[_Sockets] = web.AppKey("backend_websockets")
+# --accept-proxy: the client address each connection's PROXY header carried, by the
+# connection's own peer address (unique while it is open; bounded, oldest dropped first)
+PROXIED_KEY: web.AppKey[dict[tuple[str, int], str | None]] = web.AppKey("backend_proxied")
+PROXIED_MAX = 4096
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,6 +94,12 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    proxied = request.app[PROXIED_KEY]
+    if proxied and request.transport is not None:
+        peer = request.transport.get_extra_info("peername")
+        client = proxied.get((peer[0], peer[1])) if isinstance(peer, tuple) else None
+        if client is not None:  # the address the PROXY header carried is the client
+            request = request.clone(remote=client)
     delay_ms = request.app[DELAY_KEY]
     if delay_ms:
         await asyncio.sleep(delay_ms / 1000)
@@ -239,6 +249,7 @@ def make_app(name: str, delay_ms: int = 0) -> web.Application:
     app[DELAY_KEY] = delay_ms
     app[HEALTH_KEY] = Health()
     app[SOCKETS_KEY] = weakref.WeakSet()
+    app[PROXIED_KEY] = {}
     app.on_response_prepare.append(_on_prepare)
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)

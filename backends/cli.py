@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import ssl
@@ -13,7 +14,8 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from backends.app import MAX_DELAY_MS, make_app, validate_name
+from backends.app import MAX_DELAY_MS, PROXIED_KEY, PROXIED_MAX, make_app, validate_name
+from balancer.io.proxied import ProxiedServer, listening_socket
 
 DEFAULT_KEEPALIVE_S = 75.0
 DEFAULT_SHUTDOWN_S = 8.0  # below docker stop's 10 s grace, so we exit before SIGKILL
@@ -97,7 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--access-log", action="store_true", help="log one line per request to stderr"
     )
+    parser.add_argument(
+        "--accept-proxy",
+        type=_cidrs,
+        metavar="CIDR[,CIDR]",
+        help="read a PROXY v1/v2 header from these sources; /echo reports the client it names",
+    )
     return parser
+
+
+def _cidrs(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        nets = tuple(
+            ipaddress.ip_network(c.strip(), strict=False) for c in raw.split(",") if c.strip()
+        )
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CIDR[,CIDR], got {raw!r}") from None
+    if not nets:
+        raise argparse.ArgumentTypeError(f"expected CIDR[,CIDR], got {raw!r}")
+    return nets
 
 
 def make_server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -178,10 +198,15 @@ async def serve(
         access_log_format=ACCESS_LOG_FORMAT,
     )
     await runner.setup()
+    proxied_server: ProxiedServer | None = None
     try:
-        site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_context)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        if getattr(args, "accept_proxy", None):
+            proxied_server = _proxied_site(runner, app, args, ssl_context)
+            host, port = proxied_server.sockets[0].getsockname()[:2]
+        else:
+            site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_context)
+            await site.start()
+            host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
         shown = f"[{host}]" if ":" in host else host
         if on_ready is not None:
@@ -189,8 +214,34 @@ async def serve(
         await stop.wait()
     finally:
         deadline = loop.time() + args.shutdown_timeout
+        if proxied_server is not None:
+            proxied_server.close()
         await runner.cleanup()
         await wait_closed(closing, deadline)
+
+
+def _proxied_site(
+    runner: web.AppRunner,
+    app: web.Application,
+    args: argparse.Namespace,
+    ssl_context: ssl.SSLContext | None,
+) -> ProxiedServer:
+    """Listen with the balancer's PROXY-header reader in front of aiohttp: each connection's
+    header is taken off before aiohttp (and TLS) sees a byte."""
+    server = runner.server
+    assert server is not None
+    proxied = app[PROXIED_KEY]
+
+    def factory(client: str | None, peer: tuple[str, int]) -> asyncio.Protocol:
+        proxied.pop(peer, None)
+        proxied[peer] = client  # None: no header (an untrusted source), the peer stands
+        while len(proxied) > PROXIED_MAX:
+            del proxied[next(iter(proxied))]
+        return server()
+
+    return ProxiedServer(
+        listening_socket(args.host, args.port), factory, args.accept_proxy, ssl_context, 5.0
+    )
 
 
 def _closed(transport: asyncio.BaseTransport) -> bool:

@@ -51,9 +51,10 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     if balancer.listening:
-        host, port = balancer.address
-        scheme = "https" if balancer.tls_store is not None else "http"
-        print(f"balancer: listening on {scheme}://{host}:{port}", flush=True)
+        # the first listener keeps the line tools wait for; the others follow it
+        for i, (scheme, host, port) in enumerate(balancer.bound()):
+            also = "also " if i else ""
+            print(f"balancer: {also}listening on {scheme}://{host}:{port}", flush=True)
     if balancer.admin is not None:
         print(f"balancer: admin on {balancer.admin.url}", flush=True)
     tune_gc()

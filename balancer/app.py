@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from balancer.admin.views import backend_rows, listener_rows
 from balancer.config import (
     ALGORITHMS,
     BackendSpec,
@@ -28,13 +29,14 @@ from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, 
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
-from balancer.io.client import ClientProtocol
-from balancer.io.h2 import AlpnClientProtocol, SniffProtocol
 from balancer.io.listener import RedirectProtocol, access_log_sink
+from balancer.io.listeners import Server, bind_listeners
 from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
+from balancer.io.tcp import open_backend
 from balancer.io.transport import loop_batch
 from balancer.lb.cluster import LATENCY_BUCKETS, Backend, Cluster
+from balancer.tcp.relay import TcpContext
 
 if TYPE_CHECKING:
     from balancer.admin.api import AdminServer, AdminState
@@ -119,7 +121,20 @@ class Balancer:
             proto=proto,
             access_log=self.access_log,
         )
-        self.sweeper = Sweeper([self.ctx], self.cluster, self.pool)
+        # one context per TCP-mode listener (each has its own accept_proxy)
+        self.tcp = [
+            TcpContext(
+                cfg,
+                lst,
+                self.cluster,
+                clock=self.clock,
+                open=open_backend,
+                access_log=self.access_log,
+            )
+            for lst in cfg.listeners
+            if lst.mode == "tcp"
+        ]
+        self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
         self.checks: ActiveChecks | None = None
         if cfg.health_check.enabled:
             self.checks = ActiveChecks(
@@ -129,14 +144,21 @@ class Balancer:
                 self.backend_ssl,
                 cfg.tls.backend_server_name,
                 on_down=self._rescue,
+                proxy_of=self._proxy_of,
             )
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Server] = []
         self.listening = False
         self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
         self.tasks: list[asyncio.Task[Any]] = []
         self.admin: AdminServer | None = None
         self.pair: PairRole | None = None
         self.stopping = False
+
+    def _proxy_of(self, backend_id: str) -> str | None:
+        """The PROXY version a TCP listener sends this backend (its checks send one too)."""
+        if not self.tcp:
+            return None
+        return self.tcp[0].proxy_of.get(backend_id, self.cfg.proxy_protocol)
 
     def _rescue(self, backend: Backend) -> None:
         moved = rescue_in_flight(self.ctx, backend)
@@ -187,29 +209,12 @@ class Balancer:
         """Bind the public listener(s). In a pair only the active calls this."""
         if self.listening:
             return
-        host, port = split_hostport(self.cfg.listen, "listen")
-        ctx = self.ctx
+        tls = self.tls_store.context if self.tls_store is not None else None
+        self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls)
         loop = self.loop
-        factory: Callable[[], asyncio.Protocol]
-        if not self.cfg.http2:
-            factory = lambda: ClientProtocol(ctx)  # noqa: E731
-        elif self.tls_store is not None:
-            factory = lambda: AlpnClientProtocol(ctx)  # noqa: E731
-        else:
-            factory = lambda: SniffProtocol(ctx)  # noqa: E731
-        srv = await loop.create_server(
-            factory,
-            host,
-            port,
-            ssl=self.tls_store.context if self.tls_store is not None else None,
-            ssl_handshake_timeout=5.0 if self.tls_store is not None else None,
-            reuse_address=True,
-            backlog=2048,
-        )
-        self.servers.append(srv)
+        https_port = next((p for scheme, _, p in self.bound() if scheme != "tcp"), 0)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")
-            https_port = srv.sockets[0].getsockname()[1]
             self.servers.append(
                 await loop.create_server(lambda: RedirectProtocol(https_port), rhost, rport)
             )
@@ -229,6 +234,16 @@ class Balancer:
         sock = self.servers[0].sockets[0]
         name = sock.getsockname()
         return name[0], name[1]
+
+    def bound(self) -> list[tuple[str, str, int]]:
+        """(scheme, host, port) of each public listener, in configuration order: `tcp` for
+        TCP mode, else `http` or `https`."""
+        http = "https" if self.tls_store is not None else "http"
+        out = []
+        for lst, srv in zip(self.cfg.listeners, self.servers, strict=False):
+            name = srv.sockets[0].getsockname()
+            out.append(("tcp" if lst.mode == "tcp" else http, name[0], name[1]))
+        return out
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, finish in-flight requests, resign, exit.
@@ -250,11 +265,17 @@ class Balancer:
         await self.stop_listening()
         ctx = self.ctx
         ctx.draining = True
+        for tctx in self.tcp:
+            tctx.draining = True
         deadline = self.loop.time() + self.cfg.timeouts.shutdown_grace
-        while self.loop.time() < deadline and any(
-            c.current is not None or c.tunnel is not None for c in ctx.clients
+        while self.loop.time() < deadline and (
+            any(c.current is not None or c.tunnel is not None for c in ctx.clients)
+            or any(t.relays for t in self.tcp)
         ):
             await asyncio.sleep(0.05)
+        for tctx in self.tcp:  # relayed connections still open at the end of the grace
+            for relay in list(tctx.relays):
+                relay.shutdown()
         closing: list[ClientPort] = []
         for conn in list(ctx.clients):
             ex = conn.current
@@ -378,6 +399,8 @@ class Balancer:
         if cfg.access_log != self.cfg.access_log:
             old, self.access_log = self.access_log, access_log_sink(cfg.access_log)
             self.ctx.access_log = self.access_log
+            for tctx in self.tcp:
+                tctx.access_log = self.access_log
             if old is not None:
                 old.close()
         if cfg.log_level != self.cfg.log_level:
@@ -385,6 +408,8 @@ class Balancer:
         if cfg.discover and not self.cfg.discover:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
         self.ctx.reconfigure(cfg)
+        for tctx in self.tcp:
+            tctx.reconfigure(cfg)
         self.pool.reconfigure(cfg.limits, cfg.timeouts)
         self.cfg = cfg
         cluster.invalidate()
@@ -488,6 +513,9 @@ class Balancer:
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
         listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if self.cfg.http2 else ["HTTP/1.1"]
+        listener["all"] = listener_rows(
+            self.cfg.listeners, self.bound() if self.listening else [], self.tcp
+        )
         stats = self.stats
         return {
             "algorithm": cluster.algorithm,
@@ -505,35 +533,4 @@ class Balancer:
         }
 
     def backend_view(self) -> list[dict[str, Any]]:
-        cluster = self.cluster
-        out = []
-        for b in cluster.backends.values():
-            connections, idle = self.pool.counts(b.id)
-            out.append(
-                {
-                    "id": b.id,  # the name; kept for API clients that read `id`
-                    "name": b.id,
-                    "address": b.address,
-                    "state": cluster.state_of(b),
-                    "admin_state": b.admin_state,
-                    "backup": b.backup,
-                    "weight": b.configured_weight,
-                    "effective_weight": round(b.weight, 3),
-                    "in_flight": b.in_flight,
-                    "connections": connections,
-                    "idle_connections": idle,
-                    "requests": b.requests,
-                    "responses": {f"{i}xx": n for i, n in enumerate(b.responses) if i},
-                    "errors": {"connect": b.errors_connect, "response": b.errors_response},
-                    "retries": b.retries,
-                    "ejections": b.ejections,
-                    "last_check": {
-                        "ok": b.last_check,
-                        "detail": b.check_detail,
-                        "duration_ms": round(b.check_duration * 1000, 2),
-                    },
-                    "latency_buckets": list(b.latency),
-                    "discovered": b.discovered,
-                }
-            )
-        return out
+        return backend_rows(self.cluster, self.pool.counts)

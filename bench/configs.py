@@ -42,12 +42,34 @@ def haproxy_config(
     backend_ports: Sequence[int],
     combined_pem: Path | None = None,
     alpn: str = "http/1.1",
+    *,
+    tcp: bool = False,
 ) -> str:
-    """Single-thread HAProxy in HTTP mode, round-robin, connection reuse, no logging."""
+    """Single-thread HAProxy, round-robin, no logging: HTTP mode with connection reuse, or
+    `mode tcp` (one backend connection per client connection, bytes relayed)."""
     bind = f"bind 127.0.0.1:{listen_port}"
     if combined_pem is not None:
         bind += f" ssl crt {combined_pem} alpn {alpn}"
     servers = "\n".join(f"    server b{i} 127.0.0.1:{port}" for i, port in enumerate(backend_ports))
+    if tcp:
+        return f"""global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend fe
+    {bind}
+    default_backend be
+
+backend be
+    balance roundrobin
+{servers}
+"""
     return f"""global
     nbthread 1
     maxconn 4096

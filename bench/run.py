@@ -53,6 +53,7 @@ class Mode:
     close: bool  # one request per connection
     loadgen: str = "wrk"  # or "handshake": bench.handshake_load, never resumes TLS sessions
     # or "h2load": HTTP/2 over TLS (ALPN h2), h2load.STREAMS streams per connection
+    tcp: bool = False  # the proxy balances connections (layer 4) and relays bytes
 
 
 MODES = {
@@ -63,10 +64,20 @@ MODES = {
         Mode("https-handshakes", tls=True, close=True, loadgen="handshake"),
         # wrk resumes TLS sessions on reconnect, so this is the abbreviated handshake.
         Mode("https-resumptions", tls=True, close=True),
+        # the same keep-alive HTTP load through the balancer's TCP mode and HAProxy mode tcp
+        Mode("tcp-keepalive", tls=False, close=False, tcp=True),
         Mode("h2-tls", tls=True, close=False, loadgen="h2load"),
     )
 }
-DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes", "h2-tls"]
+DEFAULT_MODES = [
+    "http-keepalive",
+    "https-keepalive",
+    "https-handshakes",
+    "tcp-keepalive",
+    "h2-tls",
+]
+# proxies that have no TCP mode sit the tcp rows out
+TCP_PROXIES = ("balancer", "haproxy")
 PROXIES = ("balancer", "haproxy", "naive-aiohttp")
 H2_PROXIES = ("balancer", "haproxy")  # the naive proxy speaks HTTP/1.1 only
 
@@ -294,6 +305,7 @@ def proxy_argv(
     backends: Sequence[int],
     tls: TlsFiles | None,
     workdir: Path,
+    tcp: bool = False,
     h2: bool = False,
 ) -> list[str]:
     listen = f"127.0.0.1:{port}"
@@ -309,6 +321,7 @@ def proxy_argv(
             *backend_flags,
             "--algorithm",
             "round-robin",
+            *(["--mode", "tcp"] if tcp else []),
             *tls_flags,
         ]
     if proxy == "naive-aiohttp":
@@ -325,7 +338,9 @@ def proxy_argv(
         cfg = workdir / f"haproxy-{port}.cfg"
         alpn = "h2,http/1.1" if h2 else "http/1.1"
         cfg.write_text(
-            configs.haproxy_config(port, backends, tls.combined if tls else None, alpn=alpn)
+            configs.haproxy_config(
+                port, backends, tls.combined if tls else None, alpn=alpn, tcp=tcp
+            )
         )
         return [_which("haproxy") or "haproxy", "-db", "-f", str(cfg)]
     raise ValueError(f"unknown proxy {proxy}")
@@ -393,7 +408,7 @@ def bench_one(
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
     h2 = mode.loadgen == "h2load"
-    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, h2=h2))
+    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, h2=h2))
     child = h.child(f"{proxy}-{mode.name}", argv)
     try:
         try:
@@ -484,6 +499,8 @@ def run(args: argparse.Namespace) -> int:
             # rounds interleave the proxies, so slow drift hits them all alike
             for rnd in range(1, args.rounds + 1):
                 for proxy in args.proxies:
+                    if mode.tcp and proxy not in TCP_PROXIES:
+                        continue
                     if mode.loadgen == "h2load" and proxy not in H2_PROXIES:
                         continue
                     print(

@@ -31,4 +31,5 @@ exec python -m balancer \
     --vip "${LB_VIP:-172.28.0.100}/${LB_VIP_PREFIX:-24}" --vip-interface eth0 \
     --secret-file /certs/pair.secret \
     ${LB_ACCESS_LOG:+--access-log "$LB_ACCESS_LOG"} \
+    ${LB_ACCEPT_PROXY:+--accept-proxy "$LB_ACCEPT_PROXY"} \
     "$@"

@@ -14,7 +14,7 @@ from harness.http import IO_TIMEOUT, Answer, probe, request
 from harness.procs import HOST, Child, listener_problem
 
 START_TIMEOUT_S = 20.0
-_LISTENING = re.compile(r"^balancer: listening on (https?)://(\S+):(\d+)$", re.MULTILINE)
+_LISTENING = re.compile(r"^balancer: listening on (https?|tcp)://(\S+):(\d+)$", re.MULTILINE)
 _ADMIN = re.compile(r"^balancer: admin on (http\S+)$", re.MULTILINE)
 
 

@@ -27,6 +27,7 @@ from balancer.lb.algorithms import ALGORITHMS
 from harness.backends import BackendProc
 from harness.balancers import BalancerProc, pair_args
 from harness.http import probe
+from harness.netns import NetNs
 from harness.procs import (
     HOST,
     REPO,
@@ -93,11 +94,13 @@ class LocalStack:
         listen_port: int = LISTEN_PORT,
         admin_ports: tuple[int, int] = ADMIN_PORTS,
         election_ports: tuple[int, int] = ELECTION_PORTS,
+        tcp_port: int | None = None,
         workdir: Path | None = None,
         pki_dir: Path | None = None,
         check_interval: float | None = None,
         balancer_args: tuple[str, ...] = (),
         ready_timeout: float = 20.0,
+        netns_backends: tuple[int, ...] = (),
     ) -> None:
         if algorithm not in ALGORITHMS:
             raise StackError(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
@@ -118,12 +121,17 @@ class LocalStack:
         self.check_interval = check_interval
         self.balancer_args = balancer_args
         self.ready_timeout = ready_timeout
+        # a TCP-mode listener beside the HTTP one, on the same backends (None: none)
+        self.tcp_port = tcp_port
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lb-local-"))
         self.pki_dir = (pki_dir or Path("pki")).resolve()
         self.ca_file: str | None = str(self.pki_dir / "ca.crt") if tls else None
         self.backends: list[BackendProc] = []
         self.balancers: list[BalancerProc] = []
+        # backend index -> its own network namespace (harness.netns), for netem drills
+        self.netns_backends = netns_backends
+        self.namespaces: dict[int, NetNs] = {}
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
@@ -151,6 +159,11 @@ class LocalStack:
     @property
     def service_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.service_port}"
+
+    @property
+    def tcp_address(self) -> str | None:
+        """host:port of the TCP-mode listener, when the stack has one."""
+        return None if self.tcp_port is None else f"{self.host}:{self.tcp_port}"
 
     @property
     def admin_urls(self) -> dict[str, str]:
@@ -206,6 +219,8 @@ class LocalStack:
         tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
         ports = [(p, f"backend b{i + 1}", tcp) for i, p in enumerate(self.backend_ports)]
         ports.append((self.listen_port, "service", tcp))
+        if self.tcp_port:
+            ports.append((self.tcp_port, "TCP-mode service", tcp))
         names = ("a", "b") if self.pair else ("a",)
         if self.admin:
             ports += [
@@ -238,19 +253,26 @@ class LocalStack:
             self._ssl = ssl.create_default_context(cafile=self.ca_file)
         for i, port in enumerate(self.backend_ports):
             name = f"b{i + 1}"
+            ns = None
+            if i in self.netns_backends:
+                ns = self.namespaces[i] = NetNs.create()  # NetNsError: one line, as StartError
             proc = BackendProc(
                 name,
                 logs / f"{name}.log",
-                host=self.host,
+                host=self.host if ns is None else ns.inner_ip,
                 port=port,
                 shutdown_timeout=2.0,
                 start_timeout=self.ready_timeout,
             )
+            if ns is not None:
+                proc.argv = ns.wrap(proc.argv)  # `ip netns exec` execs: same pid
             self.backends.append(proc)
             proc.start_nowait()  # all three boot at once; readiness is checked below
         for proc in self.backends:
             proc.wait_until_ready()
         common = ["--listen", f"{self.host}:{self.listen_port}"]
+        if self.tcp_port is not None:
+            common += ["--listener", f"{self.host}:{self.tcp_port},mode=tcp"]
         for b in self.backends:
             # the balancer's name for it is the demo backend's own X-Backend name
             common += ["--backend", f"{b.address},name={b.name}"]
@@ -306,6 +328,8 @@ class LocalStack:
         """Stop balancers first (they drain), then backends. Safe to call twice."""
         for proc in [*self.balancers, *self.backends]:
             proc.stop()
+        for ns in self.namespaces.values():
+            ns.delete()  # its veth and any netem qdisc go with it
         if keep_logs:
             self._own_workdir = False  # a later stop() must not remove them either
         if self._own_workdir:
@@ -335,6 +359,16 @@ class LocalStack:
             proc.start()
         else:
             proc.start_nowait()
+
+    def renew_cert(self) -> str:
+        """`python -m ca renew` the balancers' certificate in place (their hot reload picks
+        it up); returns the CLI's line (it names the new serial)."""
+        argv = [sys.executable, "-m", "ca", "renew", "--dir", str(self.pki_dir), "localhost"]
+        res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        lines = (res.stdout if res.returncode == 0 else res.stderr or res.stdout).splitlines()
+        if res.returncode != 0:
+            raise StackError(f"ca renew failed: {lines[-1] if lines else res.returncode}")
+        return lines[-1] if lines else ""
 
     # helpers ------------------------------------------------------------------------------
     def _issue_certs(self) -> tuple[str, str]:

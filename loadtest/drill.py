@@ -564,19 +564,39 @@ async def poll_states(
                 return
 
 
-async def find_active(admins: dict[str, str], timeout: float = 10.0) -> str:
-    """The one balancer whose role is active (or standalone, when alone)."""
+def settled_active(samples: list[StateSample]) -> str | None:
+    """The one active (or standalone) balancer of one poll round, when the others all answer
+    and are passive; None while the pair is unsettled (a node starting, unreachable, or two
+    actives during a start-up race or a stalled peer's takeover)."""
+    active = [s.balancer for s in samples if s.role in ("active", "standalone")]
+    others = [s for s in samples if s.balancer not in active]
+    if len(active) != 1 or any(not s.reachable or s.role != "passive" for s in others):
+        return None
+    return active[0]
+
+
+async def find_active(
+    admins: dict[str, str], timeout: float = 10.0, confirm: int = 3, interval: float = 0.2
+) -> str:
+    """The active balancer, once `confirm` poll rounds in a row agree on it.
+
+    One round is not enough: under CPU load a stalled active's peer can take over for a
+    moment, and a drill that kills that peer kills the balancer that is about to go passive.
+    """
     deadline = time.monotonic() + timeout
     seen: dict[str, str | None] = {}
+    last, streak = None, 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
         while time.monotonic() < deadline:
             samples = [await _poll_once(session, n, u, time.monotonic) for n, u in admins.items()]
             seen = {s.balancer: s.role for s in samples}
-            active = [s.balancer for s in samples if s.role in ("active", "standalone")]
-            if len(active) == 1:
-                return active[0]
-            await asyncio.sleep(0.2)
-    raise DrillError(f"no single active balancer (roles seen: {seen})")
+            active = settled_active(samples)
+            streak = streak + 1 if active is not None and active == last else int(bool(active))
+            last = active
+            if last is not None and streak >= confirm:
+                return last
+            await asyncio.sleep(interval)
+    raise DrillError(f"no single active balancer with a passive peer (roles seen: {seen})")
 
 
 class Progress:
@@ -656,7 +676,11 @@ async def run_drill(
     ticks = asyncio.create_task(ticker()) if progress else None
 
     async def act_at(at: float, action: str) -> None:
+        nonlocal victim
         await asyncio.sleep(max(0.0, t0 + at - clock()))
+        if scenario.kind == "balancer" and action == scenario.fault:
+            # the pair may have moved since the drill began: fault the one active now
+            victim = await find_active(admins, timeout=3.0, confirm=1)
         t = clock()
         try:
             # in a thread: docker stop/restart block for seconds, traffic must go on

@@ -40,6 +40,12 @@ KNOWN_KEYS = frozenset(
         "removed_s",
         "served_by_added",
         "state_samples",
+        # the chaos soak's checks of one event (loadtest/chaos.py)
+        "serial_changed",
+        "reload_applied",
+        "delay_applied",
+        "delay_cleared",
+        "restart_ready",
     }
 )
 _CONDITION = re.compile(

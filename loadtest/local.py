@@ -48,6 +48,7 @@ from harness.stack import (
 PROG = "python -m loadtest.local"
 DEFAULT_WORKDIR = REPO / "out" / "local"
 PAIR_ADMIN_PORTS = (9001, 9002)  # what the compose stack publishes for balancer-a / -b
+TCP_PORT = 8081  # make local MODE=tcp: the TCP-mode listener beside the HTTP one
 CONTROL = "control.sock"
 CONTROL_TIMEOUT_S = 60.0  # a restart waits for readiness (at most ~20 s)
 POLL_S = 0.5
@@ -96,6 +97,11 @@ def _usage_lines(stack: LocalStack, workdir: Path) -> list[str]:
     lines = [
         f"service        {url}/",
         *(
+            [f"tcp mode       {stack.tcp_address} (a TCP-mode listener, same backends)"]
+            if stack.tcp_address
+            else []
+        ),
+        *(
             f"admin ({n})      {u}/   (dashboard; state at {u}/api/state)"
             for n, u in stack.admin_urls.items()
         ),
@@ -117,6 +123,13 @@ def _usage_lines(stack: LocalStack, workdir: Path) -> list[str]:
         lines.append(
             f'  for u in alice bob carol; do curl -s {ca}-H "X-User: $u" {hdr} {url}/; done'
         )
+    if stack.tcp_address is not None and not stack.tls:
+        each = "-o /dev/null -w '%header{x-backend} '"
+        lines += [
+            "layer 7 vs layer 4: six requests on one keep-alive connection each",
+            f"  curl -s {each} '{url}/?[1-6]'; echo                  # HTTP mode: spread",
+            f"  curl -s {each} 'http://{stack.tcp_address}/?[1-6]'; echo   # TCP mode: one backend",
+        ]
     lines += [
         "other schedulers (each its own run): make local ALGORITHM=least-connections",
         "                                     make local ALGORITHM=source-hash   (key: X-User)",
@@ -152,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="serve HTTPS with a cert from ./pki")
     p.add_argument("--pki", default="pki", help="CA directory for --tls (default ./pki)")
     p.add_argument("--pair", action="store_true", help="two balancers a/b sharing the service")
+    p.add_argument(
+        "--mode",
+        choices=("http", "tcp"),
+        default="http",
+        help="tcp: a TCP-mode listener beside the HTTP one (--tcp-port), same backends",
+    )
+    p.add_argument("--tcp-port", type=int, default=TCP_PORT, help="with --mode tcp (8081)")
     p.add_argument("--listen-port", type=int, default=LISTEN_PORT)
     p.add_argument(
         "--admin-ports",
@@ -368,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         backend_ports=args.backend_ports,
         pki_dir=Path(args.pki),
         workdir=workdir,
+        tcp_port=args.tcp_port if args.mode == "tcp" else None,
     )
     old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0

@@ -1,5 +1,11 @@
 """`make soak`: the local stack at a fixed rate for N minutes; watch errors, RSS, FDs, latency.
 
+With --chaos (`make soak CHAOS=1`) a LocalStack pair over TLS takes steady load while a
+schedule (seeded, printed at the start) breaks and restores its parts: backends killed,
+stopped, paused, delayed (netem), the active balancer stopped and killed, the certificate
+renewed, the configuration reloaded. The report says, per event, what was lost against the
+documented window (`loadtest/chaos.py`), plus latency, RSS and FDs over the run.
+
 The balancer's RSS and open file descriptors are sampled from /proc after every
 window. RSS growth is measured from the end of the warm-up (the first window,
 when pools and caches fill) to the end of the run.
@@ -10,10 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from harness.procs import proc_fds, proc_rss_kib
 from harness.stack import LocalStack, StackError
@@ -104,17 +114,100 @@ def plot(windows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def _sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def chaos_main(args: argparse.Namespace) -> int:
+    from loadtest import chaos
+    from loadtest.chaos_run import make_stack, netns_usable, run_chaos
+
+    kinds = [k.strip() for k in args.events.split(",") if k.strip()] or list(chaos.ALL_KINDS)
+    duration = args.minutes * 60
+    try:
+        planned = chaos.plan(duration, args.seed, kinds)
+    except chaos.ScheduleError as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
+    print(chaos.describe_plan(planned, args.seed), file=sys.stderr, flush=True)
+    no_netns = netns_usable() if "delay-backend" in kinds else "not needed"
+    if no_netns and "delay-backend" in kinds:
+        print(f"soak: delay-backend will be skipped: {no_netns}", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="lb-chaos-"))
+    stack = make_stack(workdir, netns=no_netns is None)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        stack.start()
+        pids = " ".join(f"{c.name}={c.pid}" for c in stack.procs)
+        print(f"soak: stack up ({pids}), workdir {workdir}", file=sys.stderr, flush=True)
+        rec = asyncio.run(
+            run_chaos(
+                stack,
+                planned,
+                workdir / "balancer.toml",
+                rate=args.rate,
+                duration=duration,
+                window=args.window,
+            )
+        )
+    except StackError as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("soak: interrupted; stack stopped", file=sys.stderr)
+        return 130
+    finally:
+        stack.stop(keep_logs=True)
+    report = chaos.compose(
+        planned=planned,
+        seed=args.seed,
+        rate=args.rate,
+        duration=duration,
+        window=args.window,
+        outcomes=rec.outcomes,
+        events=rec.events,
+        samples=rec.samples,
+        procs=rec.procs,
+        done={i: d.__dict__ for i, d in rec.done.items()},
+    )
+    # the logs (and the run's CA) stay when something failed, for the post-mortem
+    report["logs"] = None if report["summary"]["ok"] else str(workdir / "logs")
+    if report["summary"]["ok"]:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out = args.json or Path("out/chaos.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if args.md:
+        args.md.write_text(chaos.to_markdown(report))
+    if args.plot:
+        chaos.plot(report, str(args.plot))
+    print(json.dumps(report["summary"], indent=2))
+    return 0 if report["summary"]["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__)
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    p.add_argument("--rate", type=float, help="requests per second (default 200; chaos 100)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per sample")
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--json", type=Path, help="default out/soak.json (chaos: out/chaos.json)")
+    p.add_argument("--md", type=Path, help="chaos: also a Markdown report")
     p.add_argument("--plot", type=Path)
+    p.add_argument("--chaos", action="store_true", help="mix the drills into the load")
+    p.add_argument("--seed", type=int, default=1, help="chaos: the schedule's seed")
+    p.add_argument("--events", default="", help="chaos: comma-separated event kinds (default: all)")
     args = p.parse_args(argv)
+    if args.rate is None:
+        args.rate = 100.0 if args.chaos else 200.0
     if not 0 < args.minutes <= 24 * 60 or not 0 < args.rate <= 5000 or args.window < 1:
         print("soak: --minutes (0, 1440], --rate (0, 5000] and --window >= 1", file=sys.stderr)
         return 2
+    if args.chaos:
+        return chaos_main(args)
+    if args.json is None:
+        args.json = Path("out/soak.json")
     stack = LocalStack.ephemeral()
     try:
         stack.start()

@@ -16,9 +16,10 @@ STEP_TIMEOUT="${STEP_TIMEOUT:-1200}" # seconds per long step
 HOST_BUNDLE="/etc/ssl/certs/ca-certificates.crt"
 
 # iproute2 + iputils-arping: VIP add/del and gratuitous ARP; tini: PID 1 signal
-# handling; socat: the host-port entry relay in compose; procps/curl: debugging.
+# handling; procps/curl: debugging; iptables: the compose impairment helper on kernels
+# without sch_netem (NFQUEUE delay, statistic loss).
 PACKAGES="python3,python3-venv,python-is-python3,ca-certificates,iproute2,iputils-arping"
-PACKAGES+=",tini,procps,curl,socat"
+PACKAGES+=",tini,procps,curl,iptables"
 
 log() { printf 'build-base-image: %s\n' "$*" >&2; }
 die() {

@@ -2,13 +2,15 @@
 """Choose the compose network's addresses before `make up`, so it cannot trip on a subnet
 another Docker network already holds ("Pool overlaps with other one on this address space").
 
-Prints shell assignments for LB_SUBNET, LB_IP_RANGE, LB_VIP, LB_IP_A and LB_IP_B:
+Prints shell assignments for LB_SUBNET, LB_IP_RANGE, LB_VIP, LB_IP_A, LB_IP_B and
+LB_IP_ENTRY:
 - the project's own network already exists: its subnet, as it is;
 - LB_SUBNET set by the user: that one, or a one-line error naming the network that holds it;
 - otherwise the first free /24 of 172.28.0.0/16, then 10.213.0.0/16, with the VIP at .100,
-  the balancers at .11 and .12, and Docker's dynamic range in the upper half (.128/25).
+  the balancers at .11 and .12, the entry relay at .13 (the pair accepts PROXY headers
+  from it only), and Docker's dynamic range in the upper half (.128/25).
 
-Addresses the user set (LB_VIP, LB_IP_A, LB_IP_B, LB_IP_RANGE) are kept as given.
+Addresses the user set (LB_VIP, LB_IP_A, LB_IP_B, LB_IP_ENTRY, LB_IP_RANGE) are kept as given.
 Stdlib and the docker CLI only: `make up` runs before any venv exists.
 """
 
@@ -77,6 +79,7 @@ def addresses(subnet: Net, env: dict[str, str]) -> dict[str, str]:
         "LB_VIP": str(base + 100),
         "LB_IP_A": str(base + 11),
         "LB_IP_B": str(base + 12),
+        "LB_IP_ENTRY": str(base + 13),
     }
     return {k: env.get(k) or v for k, v in derived.items()}
 

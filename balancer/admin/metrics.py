@@ -133,7 +133,25 @@ class BalancerCollector(Collector):
         info = GaugeMetricFamily(
             "lb_backend_info", "1 per backend: its name and address", labels=["backend", "address"]
         )
+        # TCP mode: connections relayed, their bytes each way and their summed duration
+        tcp_conns = CounterMetricFamily(
+            "lb_backend_tcp_connections", "TCP-mode connections relayed", labels=["backend"]
+        )
+        tcp_bytes = CounterMetricFamily(
+            "lb_backend_tcp_bytes",
+            "TCP-mode bytes relayed (in: client to backend, out: backend to client)",
+            labels=["backend", "direction"],
+        )
+        tcp_seconds = CounterMetricFamily(
+            "lb_backend_tcp_connection_seconds",
+            "Summed duration of the TCP-mode connections relayed",
+            labels=["backend"],
+        )
         for bid, b in list(cluster.backends.items()):
+            tcp_conns.add_metric([bid], b.tcp_connections)
+            tcp_bytes.add_metric([bid, "in"], b.tcp_bytes_in)
+            tcp_bytes.add_metric([bid, "out"], b.tcp_bytes_out)
+            tcp_seconds.add_metric([bid], b.tcp_seconds)
             info.add_metric([bid, b.address], 1.0)
             requests.add_metric([bid], b.requests)
             for i, n in enumerate(b.responses):
@@ -157,6 +175,7 @@ class BalancerCollector(Collector):
             weight.add_metric([bid], b.configured_weight)
         yield from (info, requests, responses, in_flight, duration, up, state)
         yield from (ejections, retries, errors, check, weight)
+        yield from (tcp_conns, tcp_bytes, tcp_seconds)
 
     def _overall_metrics(self) -> Iterator[Metric]:
         bal = self.balancer

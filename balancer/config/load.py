@@ -17,11 +17,14 @@ from typing import Any, NoReturn
 from balancer.config.address import split_hostport
 from balancer.config.schema import (
     ALGORITHMS,
+    LISTENER_MODES,
     LOG_LEVELS,
+    PROXY_VERSIONS,
     SECTIONS,
     BackendSpec,
     Config,
     ConfigError,
+    ListenerSettings,
     Timeouts,
     flag_of,
     leaves,
@@ -45,7 +48,8 @@ def warn_stderr(message: str) -> None:
 
 
 def parse_backend(value: str) -> BackendSpec:
-    """`H:P[,weight=W][,backup][,name=N]` as on the command line."""
+    """`H:P[,weight=W][,backup][,name=N][,sni=NAME]...[,proxy_protocol=v1|v2]` as on the
+    command line; `sni=` may be repeated."""
     first, *opts = value.split(",")
     host, port = split_hostport(first, "backend")
     if port == 0:
@@ -53,6 +57,8 @@ def parse_backend(value: str) -> BackendSpec:
     weight = 1.0
     backup = False
     name: str | None = None
+    sni: list[str] = []
+    proxy: str | None = None
     for opt in opts:
         key, _, val = opt.partition("=")
         if key == "weight":
@@ -66,9 +72,29 @@ def parse_backend(value: str) -> BackendSpec:
             backup = True
         elif key == "name":
             name = val  # its rules are checked in validate(), as for the TOML `name`
+        elif key == "sni":
+            sni.append(val)  # checked in validate()
+        elif key in ("proxy_protocol", "proxy-protocol"):
+            proxy = val
         else:
             raise ConfigError(f"backend: unknown option {opt!r} in {value!r}")
-    return BackendSpec(host, port, weight, backup, name)
+    return BackendSpec(host, port, weight, backup, name, tuple(sni) if sni else None, proxy)
+
+
+def parse_listener(value: str) -> ListenerSettings:
+    """`H:P[,mode=http|tcp][,accept_proxy=CIDR]...` as on the command line."""
+    listen, *opts = value.split(",")
+    mode = "http"
+    cidrs: list[str] = []
+    for opt in opts:
+        key, _, val = opt.partition("=")
+        if key == "mode":
+            mode = val  # checked in validate()
+        elif key in ("accept_proxy", "accept-proxy"):
+            cidrs.append(val)
+        else:
+            raise ConfigError(f"listener: unknown option {opt!r} in {value!r}")
+    return ListenerSettings(listen, mode, tuple(cidrs))
 
 
 # --- TOML ------------------------------------------------------------------------------------
@@ -126,8 +152,10 @@ def _backends(value: Any) -> tuple[BackendSpec, ...]:
         elif isinstance(item, dict) and isinstance(item.get("address"), str):
             spec = parse_backend(item["address"])
             extra = {k: v for k, v in item.items() if k != "address"}
+            if "sni" in extra:
+                extra["sni"] = _strings("backends: sni", extra["sni"])
             for f in fields(BackendSpec):
-                if f.name in extra:
+                if f.name in extra and f.name != "sni":
                     _check_type("backends", f.name, extra[f.name], f.default)
             try:
                 specs.append(replace(spec, **extra))
@@ -139,6 +167,37 @@ def _backends(value: Any) -> tuple[BackendSpec, ...]:
 
 
 _TOP = {f.name: f.default for f in fields(Config) if f.name not in SECTIONS}
+_LISTENER = {f.name: f.default for f in fields(ListenerSettings)}
+
+
+def _strings(what: str, value: Any) -> tuple[str, ...]:
+    """A string or a list of strings, as a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what} must be a string or a list of strings")
+    return tuple(value)
+
+
+def _listeners(value: Any) -> list[ListenerSettings]:
+    """The `[[listener]]` tables."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError("listener must be [[listener]] tables")
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ConfigError("listener must be [[listener]] tables")
+        unknown = set(item) - set(_LISTENER)
+        if unknown:
+            raise ConfigError(f"[[listener]]: unknown setting(s) {', '.join(sorted(unknown))}")
+        data = dict(item)
+        if "accept_proxy" in data:
+            data["accept_proxy"] = _strings("[[listener]]: accept_proxy", data["accept_proxy"])
+        for key, default in _LISTENER.items():
+            if key in data and key != "accept_proxy":
+                _check_type("[[listener]]", key, data[key], default)
+        out.append(ListenerSettings(**data))
+    return out
 
 
 def load_toml(path: str, warn: Warn = warn_stderr) -> Config:
@@ -175,7 +234,17 @@ def load_toml(path: str, warn: Warn = warn_stderr) -> Config:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError('discover must be a list of "NAME:PORT" strings')
             top["discover"] = tuple(value)
-        elif key in _TOP and key != "source":
+        elif key == "listener":
+            if any(k in data for k in ("listen", "mode", "accept_proxy")):
+                raise ConfigError(
+                    f"{path}: give [[listener]] tables or listen/mode/accept_proxy, not both"
+                )
+            first, *more = _listeners(value)
+            top.update(listen=first.listen, mode=first.mode, accept_proxy=first.accept_proxy)
+            top["more_listeners"] = tuple(more)
+        elif key == "accept_proxy":
+            top["accept_proxy"] = _strings("accept_proxy", value)
+        elif key in _TOP and key not in ("source", "more_listeners"):
             _check_type(path, key, value, _TOP[key])
             top[key] = value
         else:
@@ -203,6 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with the same settings (flags win)")
     p.add_argument("--listen", help="H:P of the public listener (default 127.0.0.1:8080)")
     p.add_argument(
+        "--mode",
+        choices=LISTENER_MODES,
+        help="the listener balances requests (http, default) or connections (tcp)",
+    )
+    p.add_argument(
+        "--listener",
+        action="append",
+        default=[],
+        metavar="H:P[,mode=tcp][,accept_proxy=CIDR]...",
+        help="another listener after --listen; repeat for more (TOML: [[listener]] tables)",
+    )
+    p.add_argument(
+        "--accept-proxy",
+        metavar="CIDR[,CIDR]",
+        help="accept a PROXY v1/v2 header from these sources only (and require it)",
+    )
+    p.add_argument(
+        "--proxy-protocol",
+        choices=PROXY_VERSIONS,
+        help="send the client's address to backends in a PROXY header (default: none)",
+    )
+    p.add_argument(
         "--backend",
         action="append",
         default=[],
@@ -219,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--algorithm", choices=tuple(ALGORITHMS))
     p.add_argument(
-        "--hash-key", help="source-hash key: source, header:NAME or cookie:NAME (default source)"
+        "--hash-key",
+        help="source-hash key: source, sni (TCP mode), header:NAME or cookie:NAME (default source)",
     )
     p.add_argument("--slow-start", type=float, help="seconds a recovered backend ramps up over")
     p.add_argument("--access-log", help="file for JSON access log lines, or - for stdout")
@@ -258,7 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"seconds (default {name.default})",
         )
     p.add_argument("--attempts", type=int, help="total attempts per request, first included (3)")
+    p.add_argument(
+        "--retry-interval",
+        type=float,
+        help="TCP mode: seconds before connecting to the same backend again (0.15)",
+    )
     p.add_argument("--check-path", help="active check path (default /healthz)")
+    p.add_argument(
+        "--check-type",
+        choices=("http", "tcp"),
+        help="http: GET the check path (default); tcp: a connect is enough",
+    )
     p.add_argument("--check-interval", type=float)
     p.add_argument("--check-timeout", type=float)
     p.add_argument("--check-rise", type=int)
@@ -282,7 +384,16 @@ def _rewrite_deprecated(argv: list[str], warn: Warn) -> list[str]:
 
 
 # flags that do more than set one field to the value given; from_args handles them by hand
-_BY_HAND = {"--backend", "--discover", "--tls-cert", "--no-checks", "--forwarded", "--tls-facts"}
+_BY_HAND = {
+    "--backend",
+    "--listener",
+    "--discover",
+    "--tls-cert",
+    "--no-checks",
+    "--forwarded",
+    "--tls-facts",
+    "--accept-proxy",
+}
 
 
 def _flag_targets() -> dict[str, tuple[str, str]]:
@@ -319,6 +430,10 @@ def from_args(argv: list[str] | None = None, warn: Warn = warn_stderr) -> Config
         top["backends"] = tuple(parse_backend(b) for b in args.backend)
     if args.discover:
         top["discover"] = tuple(args.discover)
+    if args.listener:
+        top["more_listeners"] = tuple(parse_listener(v) for v in args.listener)
+    if args.accept_proxy is not None:
+        top["accept_proxy"] = tuple(c.strip() for c in args.accept_proxy.split(",") if c.strip())
     if len(args.tls_cert) != len(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key must be given in pairs")
     if args.tls_cert:

@@ -14,13 +14,16 @@ from balancer.lb.algorithms import ALGORITHMS
 
 __all__ = [
     "ALGORITHMS",
+    "LISTENER_MODES",
     "LOG_LEVELS",
+    "PROXY_VERSIONS",
     "AdminSettings",
     "BackendSpec",
     "Config",
     "ConfigError",
     "HealthCheckSettings",
     "Limits",
+    "ListenerSettings",
     "OutlierSettings",
     "PairSettings",
     "RetrySettings",
@@ -32,6 +35,8 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LISTENER_MODES = ("http", "tcp")  # layer 7 (requests) or layer 4 (connections)
+PROXY_VERSIONS = ("v1", "v2")  # the PROXY protocol header sent to backends
 # live=False marks what a running process cannot change: sockets, TLS contexts, check tasks,
 # the election and the outlier detector are built from those settings at start
 
@@ -54,6 +59,11 @@ class BackendSpec:
     # what users see everywhere (API, dashboard, metrics, access log, events, URLs);
     # None: the backend is known by its address
     name: str | None = None
+    # TCP mode: the ClientHello server names this backend takes (exact, or "*.suffix");
+    # None: a default backend, taking what no named backend matches
+    sni: tuple[str, ...] | None = None
+    # send a PROXY protocol header ("v1" or "v2") first; None: the global proxy_protocol
+    proxy_protocol: str | None = None
 
     @property
     def address(self) -> str:
@@ -77,6 +87,10 @@ class Timeouts:
     # request sent -> response head
     backend_response: float = setting(15.0, live=True, flag="--timeout-backend-response")
     tunnel_idle: float = setting(300.0, live=True, flag="--timeout-tunnel-idle")  # Upgrade
+    # TCP mode: a relayed connection with no byte either way for this long is closed
+    tcp_idle: float = setting(300.0, live=True, flag="--timeout-tcp-idle")
+    # TCP mode: the PROXY header and the ClientHello must arrive within this
+    client_hello: float = setting(5.0, live=True, flag="--timeout-client-hello")
     # pooled backend connection; below the backends' 75 s keep-alive
     backend_idle: float = setting(15.0, live=True, flag="--timeout-backend-idle")
     # waiting for a backend connection slot
@@ -104,6 +118,9 @@ class HealthCheckSettings:
     confirming one 0.2 s later."""
 
     path: str = setting("/healthz", live=False, flag="--check-path")
+    # "http": GET `path`, 2xx/3xx is up; "tcp": a connect is up (backends that do not
+    # speak plain HTTP, e.g. behind TLS passthrough)
+    type: str = setting("http", live=False, flag="--check-type")
     interval: float = setting(0.5, live=False, flag="--check-interval")
     fast_interval: float = setting(0.2, live=False)
     timeout: float = setting(0.5, live=False, flag="--check-timeout")
@@ -126,6 +143,8 @@ class RetrySettings:
     attempts: int = setting(3, live=True, flag="--attempts")  # total tries, first included
     budget_ratio: float = setting(0.2, live=True)
     budget_min_per_second: float = setting(5.0, live=True)
+    # TCP mode: the pause before trying the same backend again (when no other is left)
+    interval: float = setting(0.15, live=True, flag="--retry-interval")
 
 
 @dataclass(frozen=True)
@@ -166,8 +185,26 @@ class PairSettings:
 
 
 @dataclass(frozen=True)
+class ListenerSettings:
+    """One public listener: a TOML `[[listener]]` table. The first listener is also the
+    top-level `listen`/`mode`/`accept_proxy` (and their flags). `tls` and `http2` per
+    listener have their room here; today they are top-level and apply to HTTP listeners."""
+
+    listen: str = "127.0.0.1:8080"
+    mode: str = "http"  # LISTENER_MODES
+    # CIDRs a PROXY v1/v2 header is accepted from (and then required); () accepts none
+    accept_proxy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = setting("127.0.0.1:8080", live=False, flag="--listen")
+    mode: str = setting("http", live=False, flag="--mode")  # of the first listener
+    accept_proxy: tuple[str, ...] = setting((), live=False, flag="--accept-proxy")
+    # the listeners after the first (TOML [[listener]] tables 2..n)
+    more_listeners: tuple[ListenerSettings, ...] = setting((), live=False, flag="--listener")
+    # default PROXY protocol header to backends ("v1"/"v2"); a backend's own wins
+    proxy_protocol: str | None = setting(live=True, flag="--proxy-protocol")
     backends: tuple[BackendSpec, ...] = setting((), live=True, flag="--backend")
     discover: tuple[str, ...] = setting((), live=True, flag="--discover")  # NAME:PORT
     discover_interval: float = setting(2.0, live=True)
@@ -190,6 +227,16 @@ class Config:
     pair: PairSettings = field(default_factory=PairSettings)
     # the TOML file this came from, for reloads; not a setting
     source: str | None = field(default=None, compare=False)
+
+    @property
+    def listeners(self) -> tuple[ListenerSettings, ...]:
+        """Every public listener, the first one built from `listen`/`mode`/`accept_proxy`."""
+        first = ListenerSettings(self.listen, self.mode, self.accept_proxy)
+        return (first, *self.more_listeners)
+
+    def backend_proxy(self, spec: BackendSpec) -> str | None:
+        """The PROXY protocol version sent to this backend, or None."""
+        return spec.proxy_protocol or self.proxy_protocol
 
 
 # the TOML tables: the fields whose default is a settings dataclass

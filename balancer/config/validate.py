@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
@@ -15,7 +16,9 @@ from typing import NoReturn
 from balancer.config.address import split_hostport
 from balancer.config.schema import (
     ALGORITHMS,
+    LISTENER_MODES,
     LOG_LEVELS,
+    PROXY_VERSIONS,
     Config,
     ConfigError,
     Limits,
@@ -33,6 +36,8 @@ ZERO_MEANS_NONE = ("backend_max_idle", "queue_size", "max_request_body")
 
 
 def _name(key: str) -> str:
+    if "[" in key:  # an entry of a list of tables, e.g. listener[2].mode: no flag
+        return key
     flag = flag_of(key)
     return f"{key} ({flag})" if flag else key
 
@@ -73,15 +78,65 @@ def _unique(key: str, what: str, values: list[str]) -> None:
         seen.add(value)
 
 
+# a server name as SNI carries it: DNS labels, optionally "*." first (a suffix wildcard)
+_SNI_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def valid_sni_pattern(name: str) -> bool:
+    """`host.example` or `*.example` (lower case, as the ClientHello reader compares)."""
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+    return 0 < len(name) <= 253 and bool(labels) and all(_SNI_LABEL.match(x) for x in labels)
+
+
+def _validate_listeners(cfg: Config) -> None:
+    seen: set[tuple[str, int]] = set()
+    for i, listener in enumerate(cfg.listeners):
+        key = "listen" if i == 0 else f"listener[{i + 1}].listen"
+        host, port = split_hostport(listener.listen, _name(key) if i == 0 else key)
+        if port and (host, port) in seen:
+            _fail(key, f"binds {listener.listen} a second time")
+        seen.add((host, port))
+        mkey = "mode" if i == 0 else f"listener[{i + 1}].mode"
+        if listener.mode not in LISTENER_MODES:
+            _fail(mkey, f"{listener.mode!r} is unknown; choose {', '.join(LISTENER_MODES)}")
+        akey = "accept_proxy" if i == 0 else f"listener[{i + 1}].accept_proxy"
+        for cidr in listener.accept_proxy:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                _fail(akey, f"must be CIDRs such as 10.0.0.0/8, got {cidr!r}")
+    wants_proxy = cfg.proxy_protocol is not None or any(b.proxy_protocol for b in cfg.backends)
+    if wants_proxy and all(lst.mode != "tcp" for lst in cfg.listeners):
+        # an HTTP listener pools backend connections across clients: it sends
+        # X-Forwarded-For, never a PROXY header
+        _fail("proxy_protocol", "needs a TCP-mode listener (--mode tcp)")
+    if cfg.proxy_protocol is not None and cfg.proxy_protocol not in PROXY_VERSIONS:
+        _fail("proxy_protocol", f"{cfg.proxy_protocol!r} is unknown; choose v1 or v2")
+    for b in cfg.backends:
+        if b.proxy_protocol is not None and b.proxy_protocol not in PROXY_VERSIONS:
+            _fail("backends", f"{b.id}: proxy_protocol {b.proxy_protocol!r}: choose v1 or v2")
+        for name in b.sni or ():
+            if not valid_sni_pattern(name):
+                _fail(
+                    "backends",
+                    f"{b.id}: sni {name!r} is invalid: a lower-case host name or *.suffix",
+                )
+
+
 def validate(cfg: Config) -> None:
-    _address("listen", cfg.listen)
+    _validate_listeners(cfg)
     if not cfg.backends and not cfg.discover:
         raise ConfigError("no backends: give --backend H:P (or --discover NAME:PORT)")
     if cfg.algorithm not in ALGORITHMS:
         _fail("algorithm", f"{cfg.algorithm!r} is unknown; choose {', '.join(ALGORITHMS)}")
     kind, _, name = cfg.hash_key.partition(":")
-    if not (cfg.hash_key == "source" or (kind in ("header", "cookie") and name)):
-        _fail("hash_key", f"{cfg.hash_key!r} is invalid: use source, header:NAME, cookie:NAME")
+    if not (cfg.hash_key in ("source", "sni") or (kind in ("header", "cookie") and name)):
+        _fail(
+            "hash_key",
+            f"{cfg.hash_key!r} is invalid: use source, sni (TCP mode), header:NAME, cookie:NAME",
+        )
     if cfg.log_level not in LOG_LEVELS:
         _fail("log_level", f"{cfg.log_level!r} is unknown; choose {', '.join(LOG_LEVELS)}")
     for b in cfg.backends:
@@ -125,7 +180,10 @@ def _validate_retries_checks_outlier(cfg: Config) -> None:
     _at_least_one("retries.attempts", r.attempts)
     _not_negative("retries.budget_ratio", r.budget_ratio)
     _not_negative("retries.budget_min_per_second", r.budget_min_per_second)
+    _not_negative("retries.interval", r.interval)
     h = cfg.health_check
+    if h.type not in ("http", "tcp"):
+        _fail("health_check.type", f"{h.type!r} is unknown; choose http or tcp")
     if not h.path.startswith("/"):
         _fail("health_check.path", f"must start with /, got {h.path!r}")
     _positive("health_check.interval", h.interval)

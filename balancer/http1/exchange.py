@@ -163,6 +163,8 @@ class ListenerContext:
         if kind == "source":
             return client_ip
         name = self.hash_name
+        if kind == "sni":  # a TCP-mode key; an HTTP listener spreads such requests
+            return None
         if kind == "header":
             for n, v in req.headers:
                 if n.lower() == name:

@@ -16,6 +16,7 @@ from balancer.config import HealthCheckSettings
 from balancer.events import EventKind
 from balancer.lb.cluster import Backend, Cluster
 from balancer.lb.health import HealthChecker
+from balancer.tcp.proxy import encode_local
 
 log = logging.getLogger("balancer.checks")
 
@@ -27,8 +28,10 @@ async def probe(
     timeout: float,
     ssl_ctx: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    preface: bytes = b"",
 ) -> tuple[bool, str]:
-    """One check: (ok, detail). 2xx/3xx is healthy."""
+    """One check: (ok, detail). 2xx/3xx is healthy. `preface`: a PROXY header (LOCAL) for a
+    backend that requires one (plain HTTP only)."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -39,7 +42,8 @@ async def probe(
                 server_hostname=(server_name or host) if ssl_ctx is not None else None,
             )
             writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                preface
+                + f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 "User-Agent: lb-testbed-check\r\nConnection: close\r\n\r\n".encode()
             )
             line = await reader.readline()
@@ -59,6 +63,22 @@ async def probe(
     return 200 <= status < 400, f"HTTP {status}"
 
 
+async def probe_tcp(host: str, port: int, timeout: float, preface: bytes = b"") -> tuple[bool, str]:
+    """A TCP check: the backend accepts a connection within `timeout`."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(asyncio.Protocol, host, port)
+    except TimeoutError:
+        return False, "timeout"
+    except OSError as exc:
+        return False, f"connect: {exc.strerror or exc}"
+    if preface:
+        transport.write(preface)  # type: ignore[attr-defined]
+    transport.close()
+    return True, "connected"
+
+
 class ActiveChecks:
     """One task per backend, running its `HealthChecker`."""
 
@@ -70,8 +90,10 @@ class ActiveChecks:
         ssl_ctx: ssl.SSLContext | None = None,
         server_name: str | None = None,
         on_down: Callable[[Backend], None] | None = None,
+        proxy_of: Callable[[str], str | None] = lambda backend_id: None,
     ) -> None:
         self.cluster = cluster
+        self.proxy_of = proxy_of  # a backend's PROXY protocol version, or None
         self.on_down = on_down
         self.config = settings
         self.emit = emit
@@ -106,14 +128,22 @@ class ActiveChecks:
         while True:
             await asyncio.sleep(delay)
             started = loop.time()
-            ok, detail = await probe(
-                backend.host,
-                backend.port,
-                self.config.path,
-                self.config.timeout,
-                self.ssl_ctx,
-                self.server_name,
-            )
+            version = self.proxy_of(backend.id)
+            preface = encode_local(version) if version is not None else b""
+            if self.config.type == "tcp":
+                ok, detail = await probe_tcp(
+                    backend.host, backend.port, self.config.timeout, preface
+                )
+            else:
+                ok, detail = await probe(
+                    backend.host,
+                    backend.port,
+                    self.config.path,
+                    self.config.timeout,
+                    self.ssl_ctx,
+                    self.server_name,
+                    preface,
+                )
             now = loop.time()
             backend.check_duration = now - started
             first = backend.last_check is None

@@ -8,11 +8,13 @@ handshake is done; plain listeners look at the first bytes for the HTTP/2 connec
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 from balancer.http1.client import ClientSide
+from balancer.http1.exchange import ListenerContext
 from balancer.http2.client import H2ClientSide
-from balancer.io.client import ClientProtocol
+from balancer.io.client import ClientProtocol, ProxiedClientProtocol
 from balancer.io.transport import TransportOps, nodelay
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -29,23 +31,44 @@ def _facts(transport: asyncio.BaseTransport) -> tuple[bytes | None, tuple[str, s
 
 
 class H2ClientProtocol(TransportOps, H2ClientSide, asyncio.Protocol):
+    def __init__(self, ctx: ListenerContext, client_ip: str | None = None) -> None:
+        super().__init__(ctx)
+        self.proxied_ip = client_ip  # from a PROXY header, when the listener reads one
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport)
-        self.opened(*_facts(transport))
+        peer, tls = _facts(transport)
+        self.opened(self.proxied_ip.encode() if self.proxied_ip else peer, tls)
+
+
+def _h2_by_alpn(
+    ctx: ListenerContext, transport: asyncio.BaseTransport, client_ip: str | None
+) -> bool:
+    """Hand the transport to HTTP/2 if the client chose `h2` in ALPN."""
+    sslobj = transport.get_extra_info("ssl_object")
+    if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+        return False
+    h2 = H2ClientProtocol(ctx, client_ip)
+    transport.set_protocol(h2)
+    h2.connection_made(transport)
+    return True
 
 
 class AlpnClientProtocol(ClientProtocol):
     """A TLS listener's connection: HTTP/2 when the client chose `h2` in ALPN."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        sslobj = transport.get_extra_info("ssl_object")
-        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
-            h2 = H2ClientProtocol(self.ctx)
-            transport.set_protocol(h2)
-            h2.connection_made(transport)
-            return
-        super().connection_made(transport)
+        if not _h2_by_alpn(self.ctx, transport, None):
+            super().connection_made(transport)
+
+
+class ProxiedAlpnClientProtocol(ProxiedClientProtocol):
+    """The same behind a PROXY header (`accept_proxy`): the real client's address either way."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not _h2_by_alpn(self.ctx, transport, self.proxied_ip):
+            super().connection_made(transport)
 
 
 class SniffProtocol(ClientProtocol):
@@ -83,3 +106,21 @@ class SniffProtocol(ClientProtocol):
         self.transport.set_protocol(h2)
         h2.connection_made(self.transport)
         h2.data_received(buf)
+
+
+def http_protocol(ctx: ListenerContext, *, tls: bool, http2: bool) -> Callable[[], ClientProtocol]:
+    """The protocol factory of an HTTP listener: HTTP/1.1 only, ALPN-chosen, or sniffed."""
+    if not http2:
+        return lambda: ClientProtocol(ctx)
+    if tls:
+        return lambda: AlpnClientProtocol(ctx)
+    return lambda: SniffProtocol(ctx)
+
+
+def proxied_protocol(
+    ctx: ListenerContext, *, tls: bool, http2: bool
+) -> Callable[[str | None], ClientProtocol]:
+    """The same behind a PROXY header; HTTP/2 there only by ALPN (no prior knowledge)."""
+    if http2 and tls:
+        return lambda ip: ProxiedAlpnClientProtocol(ctx, ip)
+    return lambda ip: ProxiedClientProtocol(ctx, ip)

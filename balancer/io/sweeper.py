@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
-from balancer.http1.exchange import ListenerContext, Pool
+from balancer.http1.exchange import Pool
 from balancer.lb.cluster import Cluster
 
 log = logging.getLogger("balancer.sweeper")
 
 
-def sweep(now: float, contexts: list[ListenerContext], cluster: Cluster, pool: Pool) -> None:
+class Swept(Protocol):
+    """A listener's context: HTTP (`ListenerContext`) or TCP mode (`TcpContext`)."""
+
+    def sweep(self, now: float) -> None: ...
+
+
+def sweep(now: float, contexts: list[Swept], cluster: Cluster, pool: Pool) -> None:
     """One round: retry-budget accounting, client deadlines, pool expiry."""
     cluster.flush_budget(now)
     for ctx in contexts:
@@ -22,7 +29,7 @@ def sweep(now: float, contexts: list[ListenerContext], cluster: Cluster, pool: P
 class Sweeper:
     def __init__(
         self,
-        contexts: list[ListenerContext],
+        contexts: list[Swept],
         cluster: Cluster,
         pool: Pool,
         period: float = 0.25,

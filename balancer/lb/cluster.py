@@ -62,6 +62,10 @@ class Backend:
         "retries",
         "slow_start",
         "suspect",
+        "tcp_bytes_in",
+        "tcp_bytes_out",
+        "tcp_connections",
+        "tcp_seconds",
         "up_since",
         "weight",
     )
@@ -101,6 +105,11 @@ class Backend:
         self.ejections = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0  # seconds, for the Prometheus histogram _sum
+        # TCP mode: relayed connections, their bytes each way and their summed duration
+        self.tcp_connections = 0
+        self.tcp_bytes_in = 0
+        self.tcp_bytes_out = 0
+        self.tcp_seconds = 0.0
 
     def effective_weight(self, now: float) -> float:
         """The configured weight, with slow start applied."""

@@ -107,6 +107,7 @@ class ElectionDriver:
         self._notifier: asyncio.Task[None] | None = None
         self._stopping = False
         self._wall = wall_clock
+        self._initial_tracking: dict[str, Any] = {}
 
     # ----- public ------------------------------------------------------------------------
 
@@ -150,13 +151,22 @@ class ElectionDriver:
         self._transport = transport
         self._notifier = loop.create_task(self._notify_loop(), name="election-role-callbacks")
         self.election = Election(self.config, loop.time())
+        # tracking fed before start, so the first advert tells the truth: an election that
+        # starts believing it has no backends hands the role to a peer reporting some, and
+        # takes it back a tracking interval later (a cold-start flap)
+        self.election.set_tracking(loop.time(), **self._initial_tracking)
         self._apply(self.election.start(loop.time()))
 
     def set_tracking(
         self, *, listener_ok: bool | None = None, healthy_backends: int | None = None
     ) -> None:
         if self.election is None or self._loop is None:
-            raise RuntimeError("driver not started")
+            # before start: the election begins with it (see start)
+            if listener_ok is not None:
+                self._initial_tracking["listener_ok"] = listener_ok
+            if healthy_backends is not None:
+                self._initial_tracking["healthy_backends"] = healthy_backends
+            return
         self._apply(
             self.election.set_tracking(
                 self._loop.time(), listener_ok=listener_ok, healthy_backends=healthy_backends

@@ -91,6 +91,7 @@ class PairRole:
             # a SIGKILLed predecessor leaves the VIP behind
             await self.vip.remove()
             await self.host.start_listening()
+        self.driver.set_tracking(listener_ok=True, healthy_backends=self.host.healthy_backends())
         await self.driver.start()
         self.tracker = asyncio.get_running_loop().create_task(self._track())
 

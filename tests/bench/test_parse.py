@@ -208,6 +208,16 @@ def test_haproxy_config_plain_and_tls(tmp_path: Path) -> None:
     assert f"bind 127.0.0.1:8443 ssl crt {tmp_path / 'c.pem'} alpn http/1.1" in tls
 
 
+def test_haproxy_and_balancer_in_tcp_mode(tmp_path: Path) -> None:
+    tcp = configs.haproxy_config(8080, [9001, 9002], tcp=True)
+    assert "mode tcp" in tcp and "mode http" not in tcp and "http-reuse" not in tcp
+    assert "server b1 127.0.0.1:9002" in tcp and "balance roundrobin" in tcp
+    argv = run.proxy_argv("balancer", 8080, [9001], None, tmp_path, tcp=True)
+    assert argv[argv.index("--mode") + 1] == "tcp"
+    assert "--mode" not in run.proxy_argv("balancer", 8080, [9001], None, tmp_path)
+    assert run.MODES["tcp-keepalive"].tcp and "tcp-keepalive" in run.DEFAULT_MODES
+
+
 def test_nginx_config_keeps_state_in_workdir(tmp_path: Path) -> None:
     text = configs.nginx_config(tmp_path, [9001, 9002, 9003])
     assert text.count('return 200 "ok\\n";') == 3
@@ -219,7 +229,13 @@ def test_nginx_config_keeps_state_in_workdir(tmp_path: Path) -> None:
 def test_cli_defaults_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     args = run.parse_args([])
     assert args.duration == 10 and args.connections == 64
-    assert args.modes == ["http-keepalive", "https-keepalive", "https-handshakes", "h2-tls"]
+    assert args.modes == [
+        "http-keepalive",
+        "https-keepalive",
+        "https-handshakes",
+        "tcp-keepalive",
+        "h2-tls",
+    ]
     assert args.proxies == ["balancer", "haproxy", "naive-aiohttp"]
     assert run.parse_args(["--proxies", "haproxy,haproxy"]).proxies == ["haproxy"]
     for bad in (["--modes", "h3"], ["--duration", "0"], ["--proxies", ""]):

@@ -116,6 +116,36 @@ def test_curl_verifies_the_service_with_our_ca(stack: Stack) -> None:
     assert head.startswith("http/1.1 200") and "x-backend:" in head
 
 
+ENTRY_ADMIN = "http://127.0.0.1:9003"
+
+
+def test_the_entry_relays_in_tcp_mode_and_passes_the_client_address(stack: Stack) -> None:
+    ctx = ssl.create_default_context(cafile=str(stack.ca_file))
+    status, _, body = https_get(SERVICE_URL + "/echo", ctx)
+    assert status == 200
+    forwarded = [v for k, v in json.loads(body)["headers"] if k == "X-Forwarded-For"]
+    with urllib.request.urlopen(ENTRY_ADMIN + "/api/state", timeout=5) as resp:
+        state = json.load(resp)
+    assert state["listener"]["all"][0]["mode"] == "tcp"
+    [vip] = state["backends"]
+    assert vip["name"] == "vip" and vip["tcp"]["connections"] >= 1
+    # the pair saw the entry's PROXY v2 header: the client is the host side, not the entry
+    filters = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+    filters += ["--filter", "label=com.docker.compose.service=entry"]
+    ids = subprocess.run(
+        ["docker", "ps", "-q", *filters], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+    entry_ip = subprocess.run(
+        ["docker", "inspect", "-f", fmt, *ids[:1]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    assert len(forwarded) == 1 and forwarded[0] != entry_ip, (forwarded, entry_ip)
+
+
 def test_python_client_with_only_our_ca_sees_every_backend(stack: Stack) -> None:
     ctx = ssl.create_default_context(cafile=str(stack.ca_file))  # trusts our CA only
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname

@@ -7,6 +7,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import LocalStack, wait_gone
+from harness.procs import free_port
 from loadtest import drill
 
 
@@ -45,6 +47,53 @@ def test_stack_serves_reports_state_and_stops_clean(tmp_path: Path) -> None:
     assert len(pids) == 4
     assert all(p.returncode is not None for p in stack.procs)
     assert wait_gone(pids) == []
+
+
+def _one_connection(address: str, n: int) -> list[str]:
+    """X-Backend of `n` requests sent on one keep-alive connection."""
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        seen = []
+        for _ in range(n):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            seen.append(resp.headers["X-Backend"])
+        return seen
+    finally:
+        conn.close()
+
+
+def test_tcp_mode_listener_pins_a_connection_http_spreads_it(tmp_path: Path) -> None:
+    # what `make local MODE=tcp` runs: a TCP-mode listener beside the HTTP one
+    stack = _stack(tmp_path, tcp_port=free_port(), admin=False)
+    with stack:
+        assert stack.tcp_address is not None
+        assert len(set(_one_connection(stack.tcp_address, 6))) == 1
+        http_address = stack.service_url.removeprefix("http://")
+        assert set(_one_connection(http_address, 6)) == {"b1", "b2", "b3"}
+
+
+def test_pair_with_a_tcp_listener_fails_over(tmp_path: Path) -> None:
+    # the TCP-mode listener is bound by the active only, and moves with the role
+    stack = _stack(tmp_path, pair=True, tcp_port=free_port())
+    with stack:
+        assert stack.tcp_address is not None
+        assert len(_one_connection(stack.tcp_address, 2)) == 2
+        a_pid = stack.balancer("a").pid
+        stack.kill_balancer("a", signal.SIGKILL)
+        assert wait_gone([a_pid]) == []
+        served: list[str] = []
+        for _ in range(100):  # bounded: b takes over within about a second
+            try:
+                served = _one_connection(stack.tcp_address, 2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert len(served) == 2 and stack.balancer("b").role() == "active"
 
 
 def test_tls_stack_is_verified_against_its_ca(tmp_path: Path) -> None:

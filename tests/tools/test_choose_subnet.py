@@ -27,6 +27,7 @@ def test_the_default_subnet_when_it_is_free() -> None:
         "LB_VIP": "172.28.0.100",
         "LB_IP_A": "172.28.0.11",
         "LB_IP_B": "172.28.0.12",
+        "LB_IP_ENTRY": "172.28.0.13",
     }
 
 

@@ -264,3 +264,23 @@ def test_a_deadline_already_due_on_uvloop_does_not_stop_the_election() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_tracking_fed_before_start_is_what_the_election_starts_with() -> None:
+    """The cold-start flap: an election that starts believing it has no backends hands the
+    role to a peer that reports some, and takes it back once its own tracking is fed.
+    Fed before start, the higher-priority node becomes active and stays so."""
+    a, b = Node(150), Node(100)
+    try:
+        da, db = a.make(b), b.make(a)
+        da.set_tracking(listener_ok=True, healthy_backends=3)
+        db.set_tracking(listener_ok=True, healthy_backends=3)
+        await start_pair(a, b)
+        assert da.status()["healthy_backends"] == 3
+        assert da.status()["effective_priority"] == 150
+        for _ in range(10):  # a few advert rounds: no handover happens
+            await asyncio.sleep(INTERVAL)
+            assert (da.role, db.role) == ("active", "passive")
+        assert da.status()["last_transition"]["to"] == "active"
+    finally:
+        await stop_silently(a, b)

@@ -1,0 +1,70 @@
+"""Binding the public listeners, in configuration order: HTTP(S) ones (`ClientProtocol`,
+or behind the PROXY-header reader with `accept_proxy`) and TCP-mode ones (`Relay`)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+
+from balancer.config import Config, split_hostport
+from balancer.http1.exchange import ListenerContext
+from balancer.io.h2 import http_protocol, proxied_protocol
+from balancer.io.proxied import ProxiedServer, listening_socket
+from balancer.io.tcp import TcpClientProtocol
+from balancer.tcp.relay import TcpContext
+
+Server = asyncio.Server | ProxiedServer
+
+
+async def bind_listeners(
+    cfg: Config,
+    ctx: ListenerContext,
+    tcp: list[TcpContext],
+    tls: ssl.SSLContext | None,
+) -> list[Server]:
+    """One server per listener (`tcp` holds a context per TCP-mode listener, in order).
+    All or nothing: when one cannot bind, those bound already are closed again."""
+    loop = asyncio.get_running_loop()
+    contexts = iter(tcp)
+    # HTTP/2 beside HTTP/1.1 (top-level `http2` for now: it will be per listener)
+    plain = http_protocol(ctx, tls=tls is not None, http2=cfg.http2)
+    proxied = proxied_protocol(ctx, tls=tls is not None, http2=cfg.http2)
+    servers: list[Server] = []
+    try:
+        for lst in cfg.listeners:
+            host, port = split_hostport(lst.listen, "listen")
+            srv: Server
+            if lst.mode == "tcp":
+                tctx = next(contexts)
+                srv = await loop.create_server(
+                    lambda c=tctx: TcpClientProtocol(c),  # type: ignore[misc]
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=2048,
+                )
+            elif lst.accept_proxy:
+                srv = ProxiedServer(
+                    listening_socket(host, port),
+                    lambda ip, _peer: proxied(ip),
+                    tuple(ipaddress.ip_network(c, strict=False) for c in lst.accept_proxy),
+                    tls,
+                    cfg.timeouts.client_hello,
+                )
+            else:
+                srv = await loop.create_server(
+                    plain,
+                    host,
+                    port,
+                    ssl=tls,
+                    ssl_handshake_timeout=5.0 if tls is not None else None,
+                    reuse_address=True,
+                    backlog=2048,
+                )
+            servers.append(srv)
+    except BaseException:
+        for srv in servers:
+            srv.close()
+        raise
+    return servers
