@@ -53,9 +53,14 @@ class H2Conn:
         use_system_ca: bool = False,
         settings: dict[SettingCodes, int] | None = None,
         timeout: float = IO_TIMEOUT,
+        source: str | None = None,
+        proxy_header: bytes = b"",
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        src = (source, 0) if source is not None else None
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=src)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy_header:  # a PROXY protocol header, before any TLS
+            sock.sendall(proxy_header)
         if ca_file is not None or use_system_ca:
             ctx = ssl.create_default_context(cafile=ca_file)  # verified, always
             ctx.set_alpn_protocols(["h2"])

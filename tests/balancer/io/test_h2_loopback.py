@@ -216,3 +216,27 @@ def test_http1_keep_alive_still_works_beside_h2c(plain_stack: LocalStack) -> Non
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             assert f.read(length).startswith(b"hello from b")
+
+
+def test_http2_behind_a_proxy_header_keeps_the_real_client(harness: Harness) -> None:
+    log = harness.workdir / "px-access.log"
+    stack = harness.stack(
+        tls=True,
+        pki_dir=harness.workdir / "pki",
+        # 127.0.0.2 is the trusted proxy; the readiness probe (127.0.0.1) sends no header
+        balancer_args=("--accept-proxy", "127.0.0.2/32", "--access-log", str(log)),
+    )
+    assert stack.ca_file is not None
+    header = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 443\r\n"
+    with H2Conn(
+        stack.host,
+        stack.service_port,
+        ca_file=stack.ca_file,
+        source="127.0.0.2",
+        proxy_header=header,
+    ) as c:
+        replies = c.get(["/?marker=px"] * 3)
+    assert [r.status for r in replies] == [200, 200, 200]
+    lines = [json.loads(x) for x in log.read_text().splitlines() if "marker=px" in x]
+    assert len(lines) == 3
+    assert {(x["client"], x["protocol"]) for x in lines} == {("192.0.2.7", "HTTP/2")}
