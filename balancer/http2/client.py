@@ -309,7 +309,10 @@ class H2ClientSide(Output):
 
     def send_interim(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
         if not s.closed and not self.closed:
-            self.conn.send_headers(s.sid, headers)
+            try:
+                self.conn.send_headers(s.sid, headers)
+            except ProtocolError:
+                self.reset(s, ErrorCodes.INTERNAL_ERROR)
             self._kick()
 
     def reset(self, s: Stream, code: int) -> None:
@@ -373,7 +376,10 @@ class H2ClientSide(Output):
             ready, self.ready = self.ready, {}
             for s in ready:
                 if not s.closed:
-                    self._frame(s)
+                    try:
+                        self._frame(s)
+                    except ProtocolError:  # h2 holds the stream closed: it ends here
+                        self.reset(s, ErrorCodes.INTERNAL_ERROR)
         data = self.conn.data_to_send()
         if data:
             self._write(data)

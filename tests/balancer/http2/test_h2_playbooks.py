@@ -287,3 +287,17 @@ def test_an_idle_connection_gets_goaway_and_is_closed() -> None:
     pb.advance(6.0)
     peer.receive()
     assert goaway_code(peer) == 0 and peer.side.ended() == "close"
+
+
+def test_a_stream_h2_holds_closed_ends_alone_and_the_batch_still_flushes() -> None:
+    pb = Playbook(backends=2)
+    peer = Peer(pb)
+    a, b = peer.request(b"/a"), peer.request(b"/b")
+    ca, cb = pb.connect(), pb.connect()
+    peer.side.conn.reset_stream(a, 0)  # h2 closes it behind the stream's back
+    pb.feed(ca, ok(b"lost"))  # framing it now raises inside h2: caught, the stream ends
+    pb.feed(cb, ok(b"kept"))
+    peer.receive()
+    assert peer.responses[b].body == b"kept" and peer.responses[b].ended
+    assert peer.responses[a].body == b"" and a not in peer.side.streams
+    assert peer.goaway is None and peer.side.ended() is None
