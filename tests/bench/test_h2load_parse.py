@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
+
+# bench/ is not an installed package; make the repo root importable for pytest's runner.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.h2load import STREAMS, h2load_command, parse_h2load
 from bench.wrk import WrkParseError
