@@ -94,6 +94,7 @@ class Balancer:
             self.tls_store = CertStore(
                 [(c, k) for c, k in cfg.tls.certs],
                 client_ca=cfg.tls.client_ca,
+                alpn=("h2", "http/1.1") if cfg.http2 else ("http/1.1",),
             )
         if cfg.tls.backend_ca:
             from pathlib import Path
@@ -521,6 +522,7 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
+        listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if self.cfg.http2 else ["HTTP/1.1"]
         listener["all"] = listener_rows(
             self.cfg.listeners, self.bound() if self.listening else [], self.tcp
         )

@@ -318,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--forwarded", action="store_true", default=None, help="add RFC 7239 Forwarded")
     p.add_argument("--tls-facts", action="store_true", default=None, help="add TLS version/cipher")
+    p.add_argument(
+        "--http2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve HTTP/2 too: ALPN h2 with TLS, prior knowledge without (default on)",
+    )
     p.add_argument("--tls-cert", action="append", default=[], help="certificate chain (PEM)")
     p.add_argument("--tls-key", action="append", default=[], help="private key for --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates from this CA (mTLS)")

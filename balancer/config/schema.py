@@ -215,6 +215,8 @@ class Config:
     log_level: str = setting("info", live=True, flag="--log-level")
     forwarded: bool = setting(False, live=True, flag="--forwarded")
     tls_facts: bool = setting(False, live=True, flag="--tls-facts")
+    # HTTP/2 beside HTTP/1.1 on the public listener: ALPN h2 with TLS, prior knowledge without
+    http2: bool = setting(True, live=False, flag="--http2")
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)

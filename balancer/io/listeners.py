@@ -9,7 +9,7 @@ import ssl
 
 from balancer.config import Config, split_hostport
 from balancer.http1.exchange import ListenerContext
-from balancer.io.client import ClientProtocol, ProxiedClientProtocol
+from balancer.io.h2 import http_protocol, proxied_protocol
 from balancer.io.proxied import ProxiedServer, listening_socket
 from balancer.io.tcp import TcpClientProtocol
 from balancer.tcp.relay import TcpContext
@@ -27,6 +27,9 @@ async def bind_listeners(
     All or nothing: when one cannot bind, those bound already are closed again."""
     loop = asyncio.get_running_loop()
     contexts = iter(tcp)
+    # HTTP/2 beside HTTP/1.1 (top-level `http2` for now: it will be per listener)
+    plain = http_protocol(ctx, tls=tls is not None, http2=cfg.http2)
+    proxied = proxied_protocol(ctx, tls=tls is not None, http2=cfg.http2)
     servers: list[Server] = []
     try:
         for lst in cfg.listeners:
@@ -44,14 +47,14 @@ async def bind_listeners(
             elif lst.accept_proxy:
                 srv = ProxiedServer(
                     listening_socket(host, port),
-                    lambda ip, _peer: ProxiedClientProtocol(ctx, ip),
+                    lambda ip, _peer: proxied(ip),
                     tuple(ipaddress.ip_network(c, strict=False) for c in lst.accept_proxy),
                     tls,
                     cfg.timeouts.client_hello,
                 )
             else:
                 srv = await loop.create_server(
-                    lambda: ClientProtocol(ctx),
+                    plain,
                     host,
                     port,
                     ssl=tls,
