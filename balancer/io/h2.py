@@ -14,42 +14,53 @@ from typing import cast
 from balancer.http1.client import ClientSide
 from balancer.http1.exchange import ListenerContext
 from balancer.http2.client import H2ClientSide
-from balancer.io.client import ClientProtocol, ProxiedClientProtocol
+from balancer.io import lab
+from balancer.io.client import ClientProtocol, ProxiedClientProtocol, peer_fin, track_client
 from balancer.io.transport import TransportOps, nodelay
+from balancer.lab.table import ConnRecord
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-def _facts(transport: asyncio.BaseTransport) -> tuple[bytes | None, tuple[str, str] | None]:
-    peer = transport.get_extra_info("peername")
-    sslobj = transport.get_extra_info("ssl_object")
-    tls = None
-    if sslobj is not None:
-        cipher = sslobj.cipher()
-        tls = (sslobj.version() or "", cipher[0] if cipher else "")
-    return (peer[0].encode() if peer else None), tls
-
-
 class H2ClientProtocol(TransportOps, H2ClientSide, asyncio.Protocol):
-    def __init__(self, ctx: ListenerContext, client_ip: str | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ListenerContext,
+        accepted_at: float,
+        client_ip: str | None = None,
+        rec: ConnRecord | None = None,
+    ) -> None:
         super().__init__(ctx)
+        self.accepted_at = accepted_at  # the TCP accept (the TLS handshake time starts here)
         self.proxied_ip = client_ip  # from a PROXY header, when the listener reads one
+        self.rec = rec  # the network lab's record, when HTTP/1.1 sniffing made it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport)
-        peer, tls = _facts(transport)
-        self.opened(self.proxied_ip.encode() if self.proxied_ip else peer, tls)
+        tls = None
+        if self.rec is None:
+            self.rec, tls = track_client(self.ctx, transport, self.accepted_at)
+        peer = transport.get_extra_info("peername")
+        ip = self.proxied_ip.encode() if self.proxied_ip else (peer[0].encode() if peer else None)
+        self.opened(ip, tls)
+
+    def eof_received(self) -> bool | None:
+        peer_fin(self.rec)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lab.closing(self.ctx.conns, self.rec, exc)
+        super().connection_lost(exc)
 
 
-def _h2_by_alpn(
-    ctx: ListenerContext, transport: asyncio.BaseTransport, client_ip: str | None
-) -> bool:
+def _h2_by_alpn(proto: ClientProtocol, transport: asyncio.BaseTransport) -> bool:
     """Hand the transport to HTTP/2 if the client chose `h2` in ALPN."""
     sslobj = transport.get_extra_info("ssl_object")
     if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
         return False
-    h2 = H2ClientProtocol(ctx, client_ip)
+    client_ip = getattr(proto, "proxied_ip", None)
+    h2 = H2ClientProtocol(proto.ctx, proto.accepted_at, client_ip)
     transport.set_protocol(h2)
     h2.connection_made(transport)
     return True
@@ -59,7 +70,7 @@ class AlpnClientProtocol(ClientProtocol):
     """A TLS listener's connection: HTTP/2 when the client chose `h2` in ALPN."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not _h2_by_alpn(self.ctx, transport, None):
+        if not _h2_by_alpn(self, transport):
             super().connection_made(transport)
 
 
@@ -67,7 +78,7 @@ class ProxiedAlpnClientProtocol(ProxiedClientProtocol):
     """The same behind a PROXY header (`accept_proxy`): the real client's address either way."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not _h2_by_alpn(self.ctx, transport, self.proxied_ip):
+        if not _h2_by_alpn(self, transport):
             super().connection_made(transport)
 
 
@@ -102,7 +113,9 @@ class SniffProtocol(ClientProtocol):
         ctx.clients.discard(self)
         ctx.stats.connections_open -= 1
         ctx.stats.connections_total -= 1
-        h2 = H2ClientProtocol(ctx)
+        # the lab's record goes with the transport (this protocol never sees its close)
+        h2 = H2ClientProtocol(ctx, self.accepted_at, rec=self.rec)
+        self.rec = None
         self.transport.set_protocol(h2)
         h2.connection_made(self.transport)
         h2.data_received(buf)

@@ -240,3 +240,28 @@ def test_http2_behind_a_proxy_header_keeps_the_real_client(harness: Harness) -> 
     lines = [json.loads(x) for x in log.read_text().splitlines() if "marker=px" in x]
     assert len(lines) == 3
     assert {(x["client"], x["protocol"]) for x in lines} == {("192.0.2.7", "HTTP/2")}
+
+
+def _lab_clients(lb: object, closed: bool = False) -> list[dict[str, object]]:
+    body = lb.admin("/api/connections?closed=1").body  # type: ignore[attr-defined]
+    data = json.loads(body)
+    rows = data["closed"] if closed else data["connections"]
+    return [r for r in rows if r["side"] == "client"]
+
+
+def test_http2_connections_are_in_the_network_lab_and_leave_it(
+    tls_stack: LocalStack, plain_stack: LocalStack
+) -> None:
+    """By ALPN (TLS facts: alpn h2) and by prior knowledge (the sniffing protocol's record
+    goes with the hand-over): listed while open, gone from the open list once closed."""
+    assert tls_stack.ca_file is not None
+    for stack, ca in ((tls_stack, tls_stack.ca_file), (plain_stack, None)):
+        lb = stack.balancers[0]
+        assert wait_until(lambda lb=lb: not _lab_clients(lb), 5.0)
+        with H2Conn(stack.host, stack.service_port, ca_file=ca) as c:
+            c.get(["/"])
+            [row] = _lab_clients(lb)
+            if ca is not None:
+                assert row["tls"]["alpn"] == "h2"  # type: ignore[index]
+        assert wait_until(lambda lb=lb: not _lab_clients(lb), 5.0)  # no record left behind
+        assert _lab_clients(lb, closed=True)[0]["first_fin"] in ("peer", "reset")
