@@ -87,15 +87,20 @@ class Balancer:
         )
         self.cluster.on_event = self.emit
         self.tls_store: Any = None
+        # one certificate store per ALPN offer (h2 or not) among the HTTP listeners
+        self.tls_stores: dict[bool, Any] = {}
         self.backend_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
             from balancer.tls.store import CertStore
 
-            self.tls_store = CertStore(
-                [(c, k) for c, k in cfg.tls.certs],
-                client_ca=cfg.tls.client_ca,
-                alpn=("h2", "http/1.1") if cfg.http2 else ("http/1.1",),
-            )
+            offers = [lst.http2 for lst in cfg.listeners if lst.mode == "http"] or [cfg.http2]
+            for h2 in dict.fromkeys(offers):
+                self.tls_stores[h2] = CertStore(
+                    [(c, k) for c, k in cfg.tls.certs],
+                    client_ca=cfg.tls.client_ca,
+                    alpn=("h2", "http/1.1") if h2 else ("http/1.1",),
+                )
+            self.tls_store = next(iter(self.tls_stores.values()))  # certificates and the API
         if cfg.tls.backend_ca:
             from pathlib import Path
 
@@ -196,10 +201,11 @@ class Balancer:
             self.checks.sync()
         if self.cfg.discover:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
-        if self.tls_store is not None:
+        if self.tls_stores:
             from balancer.tls.store import watch
 
-            self.tasks.append(self.loop.create_task(watch(self.tls_store)))
+            for store in self.tls_stores.values():
+                self.tasks.append(self.loop.create_task(watch(store)))
         if self.cfg.admin.listen:
             from balancer.admin.api import AdminServer
 
@@ -217,8 +223,9 @@ class Balancer:
         """Bind the public listener(s). In a pair only the active calls this."""
         if self.listening:
             return
-        tls = self.tls_store.context if self.tls_store is not None else None
-        self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls)
+        stores = self.tls_stores
+        tls_for = (lambda h2: stores[h2].context) if stores else None
+        self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls_for)
         loop = self.loop
         for srv in self.servers:
             save_syn(srv.sockets)  # the network lab shows each connection's SYN options
@@ -425,8 +432,8 @@ class Balancer:
         cluster.invalidate()
         if self.checks is not None:
             self.checks.sync()
-        if self.tls_store is not None:
-            self.tls_store.reload()
+        for store in self.tls_stores.values():
+            store.reload()
         if result.restart_needed:
             log.warning("reload: %s (takes effect after a restart)", result.summary())
         else:
@@ -522,7 +529,10 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
-        listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if self.cfg.http2 else ["HTTP/1.1"]
+        # the first HTTP listener's (each listener's are in "all")
+        first_http = next((lst for lst in self.cfg.listeners if lst.mode == "http"), None)
+        h2 = first_http is not None and first_http.http2
+        listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if h2 else ["HTTP/1.1"]
         listener["all"] = listener_rows(
             self.cfg.listeners, self.bound() if self.listening else [], self.tcp
         )

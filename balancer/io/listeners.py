@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
+from collections.abc import Callable
 
 from balancer.config import Config, split_hostport
 from balancer.http1.exchange import ListenerContext
@@ -21,20 +22,22 @@ async def bind_listeners(
     cfg: Config,
     ctx: ListenerContext,
     tcp: list[TcpContext],
-    tls: ssl.SSLContext | None,
+    tls_for: Callable[[bool], ssl.SSLContext] | None,
 ) -> list[Server]:
-    """One server per listener (`tcp` holds a context per TCP-mode listener, in order).
+    """One server per listener (`tcp` holds a context per TCP-mode listener, in order;
+    `tls_for(http2)` gives the TLS context whose ALPN offers h2 or not).
     All or nothing: when one cannot bind, those bound already are closed again."""
     loop = asyncio.get_running_loop()
     contexts = iter(tcp)
-    # HTTP/2 beside HTTP/1.1 (top-level `http2` for now: it will be per listener)
-    plain = http_protocol(ctx, tls=tls is not None, http2=cfg.http2)
-    proxied = proxied_protocol(ctx, tls=tls is not None, http2=cfg.http2)
     servers: list[Server] = []
     try:
         for lst in cfg.listeners:
             host, port = split_hostport(lst.listen, "listen")
             srv: Server
+            tls = tls_for(lst.http2) if tls_for is not None and lst.mode != "tcp" else None
+            # HTTP/2 beside HTTP/1.1 where the listener has it on
+            plain = http_protocol(ctx, tls=tls is not None, http2=lst.http2)
+            proxied = proxied_protocol(ctx, tls=tls is not None, http2=lst.http2)
             if lst.mode == "tcp":
                 tctx = next(contexts)
                 srv = await loop.create_server(
@@ -47,7 +50,7 @@ async def bind_listeners(
             elif lst.accept_proxy:
                 srv = ProxiedServer(
                     listening_socket(host, port),
-                    lambda ip, _peer: proxied(ip),
+                    lambda ip, _peer, proxied=proxied: proxied(ip),  # type: ignore[misc]
                     tuple(ipaddress.ip_network(c, strict=False) for c in lst.accept_proxy),
                     tls,
                     cfg.timeouts.client_hello,

@@ -29,3 +29,23 @@ def test_a_bad_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
     f.write_text('http2 = "yes"\n')
     with pytest.raises(ConfigError, match="http2 must be true or false"):
         from_args(["--config", str(f)])
+
+
+def test_each_listener_has_its_own_http2() -> None:
+    args = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--no-http2"]
+    args += ["--listener", "127.0.0.1:1,http2=off", "--listener", "127.0.0.1:2"]
+    cfg = from_args(args)
+    assert [lst.http2 for lst in cfg.listeners] == [False, False, True]
+    with pytest.raises(ConfigError, match="http2 must be on or off"):
+        from_args([*args, "--listener", "127.0.0.1:3,http2=maybe"])
+
+
+def test_listener_tables_set_http2_and_exclude_the_top_level_key(tmp_path: Path) -> None:
+    f = tmp_path / "lb.toml"
+    tables = '[[listener]]\nlisten = "127.0.0.1:0"\n[[listener]]\nlisten = "127.0.0.1:1"\n'
+    f.write_text('backends = ["127.0.0.1:1"]\n' + tables + "http2 = false\n")
+    cfg = from_args(["--config", str(f)])
+    assert [lst.http2 for lst in cfg.listeners] == [True, False]
+    f.write_text('backends = ["127.0.0.1:1"]\nhttp2 = false\n' + tables)
+    with pytest.raises(ConfigError, match="not both"):
+        from_args(["--config", str(f)])

@@ -265,3 +265,20 @@ def test_http2_connections_are_in_the_network_lab_and_leave_it(
                 assert row["tls"]["alpn"] == "h2"  # type: ignore[index]
         assert wait_until(lambda lb=lb: not _lab_clients(lb), 5.0)  # no record left behind
         assert _lab_clients(lb, closed=True)[0]["first_fin"] in ("peer", "reset")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_http2_is_chosen_per_listener(harness: Harness) -> None:
+    """Two HTTPS listeners, the second with http2=off: ALPN offers h2 on the first only."""
+    stack = harness.stack(
+        tls=True,
+        pki_dir=harness.workdir / "pki",
+        balancer_args=("--listener", "127.0.0.1:0,http2=off"),
+    )
+    assert stack.ca_file is not None
+    rows = stack.balancers[0].state()["listener"]["all"]
+    assert [r["protocols"] for r in rows] == [["HTTP/1.1", "HTTP/2"], ["HTTP/1.1"]]
+    second = "https://localhost:" + rows[1]["bound"].rpartition(":")[2] + "/"
+    _, first_version = curl("--http2", "--cacert", stack.ca_file, stack.service_url + "/")
+    _, second_version = curl("--http2", "--cacert", stack.ca_file, second)
+    assert first_version == "2 200" and second_version == "1.1 200"
