@@ -54,12 +54,19 @@ WINDOWS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("failed_requests==0", "delay_applied==true", "delay_cleared==true"),
     ),
     "stop-active-balancer": (
-        "locally the passive takes over in about 0.7 s (missed adverts); meanwhile nobody "
-        "listens on the shared port: new connections are refused, in-flight ones die",
-        ("takeover_s!=null", "restart_ready==true", "failed_new_connections<={new_conn_max}"),
+        "SIGTERM: the active stops accepting, finishes what is in flight and resigns; the "
+        "passive takes over at once (about 0.1 s). Locally nobody listens on the shared port "
+        "in that gap, so a new connection there is refused; nothing in flight is lost",
+        (
+            "takeover_s!=null",
+            "restart_ready==true",
+            "failed_in_flight==0",
+            "failed_new_connections<={new_conn_max}",
+        ),
     ),
     "kill-active-balancer": (
-        "as for SIGTERM: about 0.7 s of refused new connections, in-flight requests lost",
+        "SIGKILL: the passive takes over after master-down (about 0.7 s); locally new "
+        "connections are refused meanwhile, and requests in flight on the dead one are lost",
         ("takeover_s!=null", "restart_ready==true", "failed_new_connections<={new_conn_max}"),
     ),
     "renew-cert": (
