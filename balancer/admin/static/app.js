@@ -13,7 +13,7 @@ const EVENT_CLASS = {
   ejected: "bad", down: "bad", "reload-refused": "bad", "pool-mode": "bad",
   up: "good", recovered: "good", enable: "admin", drain: "admin", maint: "admin",
   weight: "admin", algorithm: "admin", reload: "admin", role: "admin",
-  added: "", draining: "", removed: "", rescued: "", discovery: "", shutdown: "",
+  added: "", draining: "", removed: "", rescued: "", discovery: "", shutdown: "", worker: "",
 };
 
 const $ = (id) => document.getElementById(id);

@@ -1,0 +1,138 @@
+"""In-flight requests per backend per worker, in shared memory, for least connections.
+
+One int64 slot per (worker, backend slot); each worker writes only its own row, every
+worker reads all rows. No lock: a read sees another worker's count as of its last write
+(an aligned 8-byte store, never torn on x86-64/arm64), so a pick is at most one
+request-start or -end per other worker behind, the time a store takes to become visible.
+The supervisor creates the segment and hands out backend slots; it unlinks it at exit.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from multiprocessing import shared_memory
+from typing import ClassVar
+
+from balancer.config import BackendSpec
+from balancer.lb.algorithms import Algorithm, LeastConnections, T, make_algorithm
+from balancer.lb.cluster import Backend
+from balancer.lb.health import SlowStart
+
+MAX_SLOTS = 256  # backends with a shared count; more are counted per worker only
+
+
+class InFlightTable:
+    """`workers` rows of MAX_SLOTS int64 counters."""
+
+    def __init__(self, workers: int, name: str | None = None) -> None:
+        size = workers * MAX_SLOTS * 8
+        self.owner = name is None
+        if name is None:
+            self.shm = shared_memory.SharedMemory(create=True, size=size)
+        else:
+            # track=False (3.13+) keeps the resource tracker from unlinking it at our exit
+            try:
+                self.shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+            except TypeError:
+                self.shm = shared_memory.SharedMemory(name=name)
+        self.workers = workers
+        buf = self.shm.buf
+        assert buf is not None  # an open segment always has a buffer
+        self.cells = buf.cast("q")
+        if self.owner:
+            for i in range(workers * MAX_SLOTS):
+                self.cells[i] = 0
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def clear_row(self, worker: int) -> None:
+        """A restarted worker starts from zero (its predecessor's requests died with it)."""
+        base = worker * MAX_SLOTS
+        for i in range(base, base + MAX_SLOTS):
+            self.cells[i] = 0
+
+    def total(self, slot: int) -> int:
+        cells = self.cells
+        return sum(cells[w * MAX_SLOTS + slot] for w in range(self.workers))
+
+    def close(self) -> None:
+        self.cells.release()
+        self.shm.close()
+        if self.owner:
+            self.shm.unlink()
+
+
+class SharedBackend(Backend):
+    """A worker's Backend whose in-flight count is also written to its row of the table."""
+
+    __slots__ = ("_local", "_row_base", "_table", "slot")
+
+    def __init__(
+        self,
+        spec: BackendSpec,
+        clock: Callable[[], float],
+        slow_start: SlowStart | None,
+        table: InFlightTable,
+        worker: int,
+    ) -> None:
+        self._local = 0
+        self.slot = -1
+        self._table = table
+        self._row_base = worker * MAX_SLOTS
+        super().__init__(spec, clock, slow_start)
+
+    @property  # type: ignore[override]
+    def in_flight(self) -> int:
+        return self._local
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._local = value
+        if self.slot >= 0:
+            self._table.cells[self._row_base + self.slot] = value
+
+    def place(self, slot: int) -> None:
+        """Take the supervisor's slot for this backend; publish the count so far."""
+        self.slot = slot
+        self.in_flight = self._local
+
+    def total_in_flight(self) -> int:
+        """In-flight requests of every worker (this one's own count is exact)."""
+        if self.slot < 0:
+            return self._local
+        return self._table.total(self.slot)
+
+
+class SharedLeastConnections(LeastConnections):
+    """LeastConnections scoring by the in-flight requests of all workers."""
+
+    name: ClassVar[str] = "least-connections"
+
+    def pick(self, targets: Sequence[T], key: bytes | None = None) -> T | None:
+        rand = self._rng.random
+        best: T | None = None
+        best_score = math.inf
+        ties = 0
+        for t in targets:
+            total = t.total_in_flight() if isinstance(t, SharedBackend) else t.in_flight
+            score = (total + 1) / t.weight
+            if best is None or score < best_score:
+                best = t
+                best_score = score
+                ties = 1
+            elif score == best_score:
+                ties += 1
+                if rand() * ties < 1.0:
+                    best = t
+        return best
+
+
+def worker_algorithm(name: str, rng: random.Random) -> Algorithm:
+    """make_algorithm, with least connections counting every worker's requests."""
+    if name == SharedLeastConnections.name:
+        return SharedLeastConnections(rng)
+    return make_algorithm(name, rng)
