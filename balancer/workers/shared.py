@@ -4,15 +4,16 @@ One int64 slot per (worker, backend slot); each worker writes only its own row, 
 worker reads all rows. No lock: a read sees another worker's count as of its last write
 (an aligned 8-byte store, never torn on x86-64/arm64), so a pick is at most one
 request-start or -end per other worker behind, the time a store takes to become visible.
-The supervisor creates the segment and hands out backend slots; it unlinks it at exit.
+The supervisor creates the table and hands out backend slots.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import random
 from collections.abc import Callable, Sequence
-from multiprocessing import shared_memory
 from typing import ClassVar
 
 from balancer.config import BackendSpec
@@ -24,30 +25,21 @@ MAX_SLOTS = 256  # backends with a shared count; more are counted per worker onl
 
 
 class InFlightTable:
-    """`workers` rows of MAX_SLOTS int64 counters."""
+    """`workers` rows of MAX_SLOTS int64 counters in an anonymous shared file (memfd).
 
-    def __init__(self, workers: int, name: str | None = None) -> None:
+    The supervisor creates it and passes the descriptor to each worker (`fd`); nothing is
+    named, so nothing can be left behind: the kernel frees it with the last descriptor.
+    """
+
+    def __init__(self, workers: int, fd: int | None = None) -> None:
         size = workers * MAX_SLOTS * 8
-        self.owner = name is None
-        if name is None:
-            self.shm = shared_memory.SharedMemory(create=True, size=size)
-        else:
-            # track=False (3.13+) keeps the resource tracker from unlinking it at our exit
-            try:
-                self.shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-            except TypeError:
-                self.shm = shared_memory.SharedMemory(name=name)
+        if fd is None:
+            fd = os.memfd_create("lb-in-flight", 0)  # not inherited but by pass_fds
+            os.ftruncate(fd, size)  # zero-filled
+        self.fd = fd
+        self.map = mmap.mmap(fd, size)
         self.workers = workers
-        buf = self.shm.buf
-        assert buf is not None  # an open segment always has a buffer
-        self.cells = buf.cast("q")
-        if self.owner:
-            for i in range(workers * MAX_SLOTS):
-                self.cells[i] = 0
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
+        self.cells = memoryview(self.map).cast("q")
 
     def clear_row(self, worker: int) -> None:
         """A restarted worker starts from zero (its predecessor's requests died with it)."""
@@ -61,9 +53,8 @@ class InFlightTable:
 
     def close(self) -> None:
         self.cells.release()
-        self.shm.close()
-        if self.owner:
-            self.shm.unlink()
+        self.map.close()
+        os.close(self.fd)
 
 
 class SharedBackend(Backend):

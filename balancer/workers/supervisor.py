@@ -31,7 +31,7 @@ log = logging.getLogger("balancer.workers")
 
 PUSH_PERIOD = 0.05  # s: a decision reaches every worker within this (plus a loop turn)
 RESTART_BACKOFF_MAX = 5.0  # s: between restarts of a worker that keeps dying at start
-WORKER_ENV = "LB_WORKER"  # index,ctl fd,fd-channel fd,shm name,workers,supervisor pid
+WORKER_ENV = "LB_WORKER"  # index,ctl fd,fd-channel fd,table fd,workers,supervisor pid
 # one listening socket per listener shared by all workers, or one per worker with
 # SO_REUSEPORT (the kernel spreads connections by a hash of the 4-tuple); see ARCHITECTURE
 REUSE_PORT = os.environ.get("LB_WORKERS_SHARED_SOCKET", "") != "1"
@@ -126,7 +126,7 @@ class WorkerPool:
                 w.index,
                 ctl_child.fileno(),
                 fd_child.fileno(),
-                self.table.name,
+                self.table.fd,
                 len(self.workers),
                 os.getpid(),
             )
@@ -135,7 +135,7 @@ class WorkerPool:
         try:
             w.popen = subprocess.Popen(
                 [sys.executable, "-m", "balancer", *self.argv],
-                pass_fds=(ctl_child.fileno(), fd_child.fileno()),
+                pass_fds=(ctl_child.fileno(), fd_child.fileno(), self.table.fd),
                 env=env,
             )
         finally:

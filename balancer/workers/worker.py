@@ -88,14 +88,14 @@ class _Control(asyncio.Protocol):
 async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> int:
     from balancer.app import Balancer
 
-    index_s, ctl_fd, fd_fd, shm_name, count, parent = spec.split(",")
+    index_s, ctl_fd, fd_fd, table_fd, count, parent = spec.split(",")
     index, workers = int(index_s), int(count)
     die_with_parent(signal.SIGUSR1)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     if os.getppid() != int(parent):  # the supervisor died before prctl took effect
         return 0
-    table = InFlightTable(workers, name=shm_name)
+    table = InFlightTable(workers, fd=int(table_fd))
     balancer = Balancer(cfg, load_config=load)
     balancer.checks = None  # the supervisor checks
     balancer.follower = True
