@@ -565,8 +565,11 @@ class Balancer:
             "backends": self.backend_view(),
             "latency_bounds": list(LATENCY_BUCKETS),
             "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],
-            "workers": self.workers.rows() if self.workers is not None else [],
+            "workers": self.worker_rows(),
         }
+
+    def worker_rows(self) -> list[dict[str, Any]]:
+        return self.workers.rows() if self.workers is not None else []
 
     def backend_view(self) -> list[dict[str, Any]]:
         return backend_rows(self.cluster, self.pool.counts)

@@ -64,7 +64,11 @@ MODES = {
 DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes", "tcp-keepalive"]
 # proxies that have no TCP mode sit the tcp rows out
 TCP_PROXIES = ("balancer", "haproxy")
-PROXIES = ("balancer", "haproxy", "naive-aiohttp")
+PROXIES = ("balancer", "balancer-w2", "haproxy", "naive-aiohttp")
+# the balancer with `--workers 2`: CPU summed over the supervisor and both workers (all
+# pinned to the proxy CPU, so the figure compares with one worker's), and the spread of
+# requests over the workers, read from its /api/state
+WORKER_PROXIES = {"balancer-w2": 2}
 
 
 @dataclass(frozen=True)
@@ -268,10 +272,16 @@ def proxy_argv(
     tls: TlsFiles | None,
     workdir: Path,
     tcp: bool = False,
+    admin_port: int = 0,
 ) -> list[str]:
     listen = f"127.0.0.1:{port}"
     backend_flags = [x for b in backends for x in ("--backend", f"127.0.0.1:{b}")]
     tls_flags = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)] if tls else []
+    if proxy in WORKER_PROXIES:
+        admin = f"127.0.0.1:{admin_port}"
+        workers = str(WORKER_PROXIES[proxy])
+        argv = proxy_argv("balancer", port, backends, tls, workdir, tcp)
+        return [*argv, "--workers", workers, "--admin", admin]
     if proxy == "balancer":
         return [
             sys.executable,
@@ -355,10 +365,13 @@ def bench_one(
     h: Harness,
     pins: Pins,
 ) -> report.Row:
-    port = free_ports(1)[0]  # HAProxy and the naive proxy cannot report a port they chose
+    # HAProxy and the naive proxy cannot report a port they chose
+    port, admin_port = free_ports(2)
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
-    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp))
+    argv = pinned(
+        pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, admin_port)
+    )
     child = h.child(f"{proxy}-{mode.name}", argv)
     try:
         try:
@@ -370,11 +383,16 @@ def bench_one(
             return report.Row.failed(proxy, mode.name, problem)
         if args.warmup:
             run_load(url, args.warmup, args, mode, pins, tls)
+        served_before = worker_requests(admin_port) if proxy in WORKER_PROXIES else []
         before = cpu.read_tree_ticks(child.pid)
         system_before = cpu.read_system_ticks()
         result = run_load(url, args.duration, args, mode, pins, tls)
         after = cpu.read_tree_ticks(child.pid)
         steal = cpu.steal_percent(system_before, cpu.read_system_ticks())
+        spread = None
+        if proxy in WORKER_PROXIES:
+            served = worker_requests(admin_port)
+            spread = report.spread_pct([a - b for a, b in zip(served, served_before, strict=True)])
         if not child.alive:
             return report.Row.failed(proxy, mode.name, child.last_words())
         per_req = (
@@ -392,6 +410,7 @@ def bench_one(
             errors=result.errors,
             requests=result.requests,
             steal_pct=round(steal, 2),
+            worker_spread_pct=spread,
         )
     except (BenchError, wrk.WrkParseError, ProcessLookupError, ValueError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
@@ -400,6 +419,15 @@ def bench_one(
         return report.Row.failed(proxy, mode.name, reason)
     finally:
         child.stop()
+
+
+def worker_requests(admin_port: int) -> list[int]:
+    """Requests served so far by each worker, from the balancer's /api/state."""
+    url = f"http://127.0.0.1:{admin_port}/api/state"
+    time.sleep(0.3)  # the workers report every 0.1 s: read after their latest requests
+    with urllib.request.urlopen(url, timeout=5) as resp:  # plain HTTP on loopback
+        state = json.load(resp)
+    return [int(w["requests"]) for w in state["workers"]]
 
 
 # ---------------------------------------------------------------- whole run
@@ -478,6 +506,7 @@ def run(args: argparse.Namespace) -> int:
     ratios = {
         "balancer/haproxy cpu_us_per_req": report.cpu_ratio(rows, "balancer", "haproxy"),
         "naive-aiohttp/haproxy cpu_us_per_req": report.cpu_ratio(rows, "naive-aiohttp", "haproxy"),
+        "balancer-w2/balancer cpu_us_per_req": report.cpu_ratio(rows, "balancer-w2", "balancer"),
     }
     print(report.format_table(rows))
     for name, per_mode in ratios.items():

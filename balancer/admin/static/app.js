@@ -375,6 +375,20 @@ function renderCerts(s) {
   $("certs").tBodies[0].replaceChildren(...rows);
 }
 
+function renderWorkers(s) {
+  const workers = s.workers || [];
+  $("workers-panel").hidden = !workers.length;  // one process: nothing to show
+  const rows = workers.map((w) => el("tr", { "data-testid": "worker-row" },
+    el("td", { text: String(w.index) }),
+    el("td", { class: w.alive ? "mono" : "mono crit", text: w.alive ? String(w.pid) : "restarting" }),
+    el("td", { text: String(w.requests) }),
+    el("td", { text: String(w.connections_open) }),
+    el("td", { text: w.cpu_seconds.toFixed(1) }),
+    el("td", { text: (w.rss_bytes / 1048576).toFixed(1) }),
+    el("td", { class: w.restarts ? "soon" : "", text: String(w.restarts) })));
+  $("workers").tBodies[0].replaceChildren(...rows);
+}
+
 function eventClass(e) {
   if (e.kind === "pool-mode") return /normal$/.test(e.detail) ? "good" : "bad";
   return EVENT_CLASS[e.kind] || "";
@@ -402,6 +416,7 @@ function render(s) {
   renderChart(s);
   renderPair(s);
   renderCerts(s);
+  renderWorkers(s);
 }
 
 // ---- mutations ---------------------------------------------------------------------------
