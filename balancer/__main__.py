@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         def load() -> Config:
             return from_args(argv, warn=logging.getLogger("balancer").warning)
 
-        tune_gc()
         return asyncio.run(serve_worker(cfg, worker, load))
     return asyncio.run(_serve(cfg, argv))
 

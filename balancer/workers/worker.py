@@ -105,8 +105,13 @@ async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> in
     cluster.make_backend = lambda s, clock, ss: SharedBackend(s, clock, ss, table, index)
     cluster.algorithms = worker_algorithm
     cluster.set_algorithm(cluster.algorithm)
-    # the budget's floor is shared out; its ratio applies to each worker's own requests
-    cluster.budget.configure(cfg.retries.budget_ratio, cfg.retries.budget_min_per_second / workers)
+
+    def share_budget() -> None:
+        # the budget's floor is shared out; its ratio applies to each worker's own requests
+        retries = balancer.cfg.retries
+        cluster.budget.configure(retries.budget_ratio, retries.budget_min_per_second / workers)
+
+    share_budget()
     specs = {b.id: b for b in cfg.backends}
     fd_chan = socket.socket(fileno=int(fd_fd))
     fd_chan.settimeout(2.0)
@@ -141,6 +146,7 @@ async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> in
             _in_order(_unlisten())
         elif kind == "reload":
             balancer.reload()
+            share_budget()  # the reload configured the whole floor
             state["reloads"] = int(msg["generation"])
         elif kind == "certs":
             if balancer.tls_store is not None:
@@ -184,6 +190,9 @@ async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> in
         # has resigned, and a terminal's ^C reaches the supervisor too
         loop.add_signal_handler(sig, lambda: None)
     balancer.sweeper.start()
+    from balancer.__main__ import tune_gc
+
+    tune_gc()  # as the single process does once it is up
     pid = os.getpid()
     while not done.is_set():
         usage = resource.getrusage(resource.RUSAGE_SELF)
