@@ -103,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     _install_uvloop()
     worker = os.environ.get("LB_WORKER")
     if worker:  # started by a supervisor (balancer.workers.supervisor)
+        from balancer.app import Balancer
         from balancer.workers.worker import serve_worker
 
         def load() -> Config:
             return from_args(argv, warn=logging.getLogger("balancer").warning)
 
-        return asyncio.run(serve_worker(cfg, worker, load))
+        def make() -> Balancer:
+            return Balancer(cfg, load_config=load)  # in the worker's running loop
+
+        return asyncio.run(serve_worker(make, cfg, worker, tune_gc))
     return asyncio.run(_serve(cfg, argv))
 
 

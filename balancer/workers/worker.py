@@ -17,9 +17,11 @@ import resource
 import signal
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from balancer.config import Config
+from balancer.http1.exchange import ListenerStats
+from balancer.lb.cluster import Backend, Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import InFlightTable, SharedBackend, worker_algorithm
 from balancer.workers.view import apply_snapshot, report
@@ -46,6 +48,30 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class Follower(Protocol):
+    """What a worker drives of its Balancer (balancer.app.Balancer is one)."""
+
+    cfg: Config
+    cluster: Cluster
+    checks: Any
+    follower: bool
+    tls_store: Any
+    sweeper: Any
+
+    @property
+    def stats(self) -> ListenerStats: ...
+
+    def _rescue(self, backend: Backend) -> None: ...
+
+    def reload(self) -> Any: ...
+
+    async def start_listening(self, socks: list[socket.socket] | None = None) -> None: ...
+
+    async def stop_listening(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class _Remote:
@@ -85,9 +111,11 @@ class _Control(asyncio.Protocol):
         self.on_eof()
 
 
-async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> int:
-    from balancer.app import Balancer
-
+async def serve_worker(
+    make: Callable[[], Follower], cfg: Config, spec: str, on_ready: Callable[[], None]
+) -> int:
+    """Run one worker until told to stop; `make` builds its Balancer (only __main__
+    imports the wiring), `on_ready` runs once it serves (GC tuning)."""
     index_s, ctl_fd, fd_fd, table_fd, count, parent = spec.split(",")
     index, workers = int(index_s), int(count)
     die_with_parent(signal.SIGUSR1)
@@ -96,7 +124,7 @@ async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> in
     if os.getppid() != int(parent):  # the supervisor died before prctl took effect
         return 0
     table = InFlightTable(workers, fd=int(table_fd))
-    balancer = Balancer(cfg, load_config=load)
+    balancer = make()
     balancer.checks = None  # the supervisor checks
     balancer.follower = True
     cluster = balancer.cluster
@@ -190,9 +218,7 @@ async def serve_worker(cfg: Config, spec: str, load: Callable[[], Config]) -> in
         # has resigned, and a terminal's ^C reaches the supervisor too
         loop.add_signal_handler(sig, lambda: None)
     balancer.sweeper.start()
-    from balancer.__main__ import tune_gc
-
-    tune_gc()  # as the single process does once it is up
+    on_ready()
     pid = os.getpid()
     while not done.is_set():
         usage = resource.getrusage(resource.RUSAGE_SELF)
