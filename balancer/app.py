@@ -88,14 +88,20 @@ class Balancer:
         )
         self.cluster.on_event = self.emit
         self.tls_store: Any = None
+        # one certificate store per ALPN offer (h2 or not) among the HTTP listeners
+        self.tls_stores: dict[bool, Any] = {}
         self.backend_ssl: ssl.SSLContext | None = None
         if cfg.tls.certs:
             from balancer.tls.store import CertStore
 
-            self.tls_store = CertStore(
-                [(c, k) for c, k in cfg.tls.certs],
-                client_ca=cfg.tls.client_ca,
-            )
+            offers = [lst.http2 for lst in cfg.listeners if lst.mode == "http"] or [cfg.http2]
+            for h2 in dict.fromkeys(offers):
+                self.tls_stores[h2] = CertStore(
+                    [(c, k) for c, k in cfg.tls.certs],
+                    client_ca=cfg.tls.client_ca,
+                    alpn=("h2", "http/1.1") if h2 else ("http/1.1",),
+                )
+            self.tls_store = next(iter(self.tls_stores.values()))  # certificates and the API
         if cfg.tls.backend_ca:
             from pathlib import Path
 
@@ -135,6 +141,8 @@ class Balancer:
             for lst in cfg.listeners
             if lst.mode == "tcp"
         ]
+        for tctx in self.tcp:
+            tctx.conns = self.ctx.conns  # one connection table for the network lab
         self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
         self.lab = Lab(
             self.ctx.conns,
@@ -200,10 +208,11 @@ class Balancer:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
         if self.workers is not None:
             await self.workers.start()  # the workers watch nothing: certificates here too
-        elif self.tls_store is not None:
+        elif self.tls_stores:
             from balancer.tls.store import watch
 
-            self.tasks.append(self.loop.create_task(watch(self.tls_store)))
+            for store in self.tls_stores.values():
+                self.tasks.append(self.loop.create_task(watch(store)))
         if self.cfg.admin.listen:
             from balancer.admin.api import AdminServer
 
@@ -226,8 +235,9 @@ class Balancer:
         if self.workers is not None:
             self.workers.listen()
         else:
-            tls = self.tls_store.context if self.tls_store is not None else None
-            self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls, socks)
+            stores = self.tls_stores
+            tls_for = (lambda h2: stores[h2].context) if stores else None
+            self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls_for, socks)
             for srv in self.servers:
                 save_syn(srv.sockets)  # the network lab shows each connection's SYN options
         if self.follower:
@@ -449,8 +459,8 @@ class Balancer:
         cluster.invalidate()
         if self.checks is not None:
             self.checks.sync()
-        if self.tls_store is not None:
-            self.tls_store.reload()
+        for store in self.tls_stores.values():
+            store.reload()
         if result.restart_needed:
             log.warning("reload: %s (takes effect after a restart)", result.summary())
         else:
@@ -548,6 +558,10 @@ class Balancer:
             host, port = self.address
             listener["bound"] = f"{host}:{port}"
         listener["tls"] = self.tls_store is not None
+        # the first HTTP listener's (each listener's are in "all")
+        first_http = next((lst for lst in self.cfg.listeners if lst.mode == "http"), None)
+        h2 = first_http is not None and first_http.http2
+        listener["protocols"] = ["HTTP/1.1", "HTTP/2"] if h2 else ["HTTP/1.1"]
         listener["all"] = listener_rows(
             self.cfg.listeners, self.bound() if self.listening else [], self.tcp
         )

@@ -41,6 +41,7 @@ def haproxy_config(
     listen_port: int,
     backend_ports: Sequence[int],
     combined_pem: Path | None = None,
+    alpn: str = "http/1.1",
     *,
     tcp: bool = False,
 ) -> str:
@@ -48,7 +49,7 @@ def haproxy_config(
     `mode tcp` (one backend connection per client connection, bytes relayed)."""
     bind = f"bind 127.0.0.1:{listen_port}"
     if combined_pem is not None:
-        bind += f" ssl crt {combined_pem} alpn http/1.1"
+        bind += f" ssl crt {combined_pem} alpn {alpn}"
     servers = "\n".join(f"    server b{i} 127.0.0.1:{port}" for i, port in enumerate(backend_ports))
     if tcp:
         return f"""global

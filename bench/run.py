@@ -30,13 +30,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import configs, cpu, handshake_load, report, wrk
+from bench import configs, cpu, h2load, handshake_load, report, wrk
 from harness import Child, Harness, StartError, free_ports, pinned, tail
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "bench" / "results" / "proxy.json"
 EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-APT_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "haproxy": "haproxy", "taskset": "util-linux"}
+APT_PACKAGES = {
+    "nginx": "nginx-light",
+    "wrk": "wrk",
+    "haproxy": "haproxy",
+    "taskset": "util-linux",
+    "h2load": "nghttp2-client",
+}
 START_TIMEOUT_S = 15.0
 
 
@@ -46,6 +52,7 @@ class Mode:
     tls: bool
     close: bool  # one request per connection
     loadgen: str = "wrk"  # or "handshake": bench.handshake_load, never resumes TLS sessions
+    # or "h2load": HTTP/2 over TLS (ALPN h2), h2load.STREAMS streams per connection
     tcp: bool = False  # the proxy balances connections (layer 4) and relays bytes
 
 
@@ -59,12 +66,20 @@ MODES = {
         Mode("https-resumptions", tls=True, close=True),
         # the same keep-alive HTTP load through the balancer's TCP mode and HAProxy mode tcp
         Mode("tcp-keepalive", tls=False, close=False, tcp=True),
+        Mode("h2-tls", tls=True, close=False, loadgen="h2load"),
     )
 }
-DEFAULT_MODES = ["http-keepalive", "https-keepalive", "https-handshakes", "tcp-keepalive"]
+DEFAULT_MODES = [
+    "http-keepalive",
+    "https-keepalive",
+    "https-handshakes",
+    "tcp-keepalive",
+    "h2-tls",
+]
 # proxies that have no TCP mode sit the tcp rows out
 TCP_PROXIES = ("balancer", "haproxy")
 PROXIES = ("balancer", "balancer-w2", "haproxy", "naive-aiohttp")
+H2_PROXIES = ("balancer", "haproxy")  # the naive proxy speaks HTTP/1.1 only
 # the balancer with `--workers 2`: CPU summed over the supervisor and both workers (all
 # pinned to the proxy CPU, so the figure compares with one worker's), and the spread of
 # requests over the workers, read from its /api/state
@@ -124,6 +139,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each row")
     p.add_argument("--connections", type=_positive, default=64)
+    p.add_argument(
+        "--h2-connections",
+        type=_positive,
+        default=16,
+        help="h2-tls: h2load clients, each with 10 streams (default 16: 160 in flight)",
+    )
     p.add_argument("--modes", type=_csv(list(MODES), "mode"), default=DEFAULT_MODES)
     p.add_argument("--proxies", type=_csv(PROXIES, "proxy"), default=list(PROXIES))
     p.add_argument("--backends", type=int, choices=(2, 3), default=2)
@@ -142,9 +163,10 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=path)
 
 
-def ensure_tools(proxies: Sequence[str]) -> dict[str, str]:
+def ensure_tools(proxies: Sequence[str], modes: Sequence[str] = ()) -> dict[str, str]:
     """Resolve tool paths, apt-installing missing ones when root."""
     needed = ["nginx", "wrk", "taskset", *(["haproxy"] if "haproxy" in proxies else [])]
+    needed += ["h2load"] if any(MODES[m].loadgen == "h2load" for m in modes) else []
     missing = [t for t in needed if _which(t) is None]
     if missing:
         pkgs = sorted({APT_PACKAGES[t] for t in missing})
@@ -197,6 +219,7 @@ def metadata(args: argparse.Namespace, tools: dict[str, str], pins: Pins) -> dic
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
+        "h2_connections": args.h2_connections,
         "wrk_threads": 1,
         "backends": args.backends,
         "modes": args.modes,
@@ -205,6 +228,8 @@ def metadata(args: argparse.Namespace, tools: dict[str, str], pins: Pins) -> dic
             m: (
                 "bench.handshake_load (full handshakes, no session resumption)"
                 if MODES[m].loadgen == "handshake"
+                else f"h2load -t1 -m{h2load.STREAMS} (ALPN h2)"
+                if MODES[m].loadgen == "h2load"
                 else f"wrk -t1{' -H Connection: close' if MODES[m].close else ''}"
             )
             for m in args.modes
@@ -265,6 +290,19 @@ def validate(url: str, ca_pem: str | None, attempts: int = 4) -> str | None:
     return None
 
 
+def validate_h2(port: int, tls: TlsFiles, attempts: int = 4) -> str | None:
+    """None if HTTP/2 over TLS (ALPN h2, our CA verified) answers 200 'ok' on every stream."""
+    from harness.h2 import H2Conn
+
+    try:
+        with H2Conn("127.0.0.1", port, ca_file=str(tls.ca_file)) as conn:
+            replies = conn.get(["/"] * attempts)
+    except (OSError, ConnectionError) as exc:
+        return f"HTTP/2 validation failed: {exc}"
+    bad = [r for r in replies if r.status != 200 or r.body != b"ok\n"]
+    return f"HTTP/2 validation got {bad[0].status} {bad[0].body[:40]!r}" if bad else None
+
+
 def proxy_argv(
     proxy: str,
     port: int,
@@ -272,6 +310,7 @@ def proxy_argv(
     tls: TlsFiles | None,
     workdir: Path,
     tcp: bool = False,
+    h2: bool = False,
     admin_port: int = 0,
 ) -> list[str]:
     listen = f"127.0.0.1:{port}"
@@ -307,8 +346,11 @@ def proxy_argv(
         ]
     if proxy == "haproxy":
         cfg = workdir / f"haproxy-{port}.cfg"
+        alpn = "h2,http/1.1" if h2 else "http/1.1"
         cfg.write_text(
-            configs.haproxy_config(port, backends, tls.combined if tls else None, tcp=tcp)
+            configs.haproxy_config(
+                port, backends, tls.combined if tls else None, alpn=alpn, tcp=tcp
+            )
         )
         return [_which("haproxy") or "haproxy", "-db", "-f", str(cfg)]
     raise ValueError(f"unknown proxy {proxy}")
@@ -323,7 +365,12 @@ def run_load(
     tls: TlsFiles | None,
 ) -> wrk.WrkResult:
     """Run the mode's load generator on the load CPU and parse its summary."""
-    if mode.loadgen == "handshake":
+    if mode.loadgen == "h2load":
+        name = "h2load"
+        cmd = h2load.h2load_command(
+            url, duration_s=duration, connections=args.h2_connections, cpu=pins.load
+        )
+    elif mode.loadgen == "handshake":
         if tls is None:
             raise BenchError(f"mode {mode.name} needs TLS files")
         name = "handshake_load"
@@ -353,6 +400,8 @@ def run_load(
         raise BenchError(f"{name} exited {out.returncode}: {msg[-1] if msg else ''}")
     if mode.loadgen == "handshake":
         return handshake_load.parse_summary(out.stdout)
+    if mode.loadgen == "h2load":
+        return h2load.parse_h2load(out.stdout)
     return wrk.parse_wrk(out.stdout)
 
 
@@ -369,8 +418,10 @@ def bench_one(
     port, admin_port = free_ports(2)
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
+    h2 = mode.loadgen == "h2load"
     argv = pinned(
-        pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, admin_port)
+        pins.proxy,
+        proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, h2=h2, admin_port=admin_port),
     )
     child = h.child(f"{proxy}-{mode.name}", argv)
     try:
@@ -379,6 +430,8 @@ def bench_one(
         except StartError:
             return report.Row.failed(proxy, mode.name, child.last_words())
         problem = validate(url, tls.ca_pem if tls else None)
+        if problem is None and h2 and tls is not None:
+            problem = validate_h2(port, tls)
         if problem:
             return report.Row.failed(proxy, mode.name, problem)
         if args.warmup:
@@ -406,7 +459,7 @@ def bench_one(
             rps=round(result.rps, 1),
             cpu_us_per_req=None if per_req is None else round(per_req, 2),
             p50_ms=round(result.p50_ms, 3),
-            p99_ms=round(result.p99_ms, 3),
+            p99_ms=None if result.p99_ms != result.p99_ms else round(result.p99_ms, 3),  # NaN
             errors=result.errors,
             requests=result.requests,
             steal_pct=round(steal, 2),
@@ -463,7 +516,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    tools = ensure_tools(args.proxies)
+    tools = ensure_tools(args.proxies, args.modes)
     pins = choose_pins()
     meta = metadata(args, tools, pins)
     samples: list[report.Row] = []
@@ -476,6 +529,8 @@ def run(args: argparse.Namespace) -> int:
             for rnd in range(1, args.rounds + 1):
                 for proxy in args.proxies:
                     if mode.tcp and proxy not in TCP_PROXIES:
+                        continue
+                    if mode.loadgen == "h2load" and proxy not in H2_PROXIES:
                         continue
                     print(
                         f"-- {proxy} / {mode.name} (round {rnd}/{args.rounds}) ...",

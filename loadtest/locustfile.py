@@ -15,6 +15,10 @@ Scenarios (`--scenario`, also selectable in the web UI):
              port 9000 of the --host) and refuses to run against another algorithm
   bulk       GET /bytes?n=N and POST /upload of N/4 bytes (--bulk-bytes)
   handshake  `Connection: close` on every request: a new TCP+TLS handshake each time
+  h2         HTTP/2: each user keeps one connection (ALPN h2 with an https host, h2c with
+             prior knowledge with http) and sends --h2-streams GET / streams on it at once;
+             reports how the streams of one connection spread over the backends
+             ("h2" in --backends-out: streams, connections, backends per connection)
 
 Load profiles: LB_SHAPE=step (LB_STEP_USERS users more every LB_STEP_SECONDS, LB_STEPS
 times) or LB_SHAPE=spike (LB_BASE_USERS, LB_SPIKE_USERS for LB_SPIKE_SECONDS after
@@ -39,6 +43,7 @@ import json
 import logging
 import os
 import random
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,12 +58,14 @@ from locust.exception import StopUser
 from locust.runners import WorkerRunner
 
 BACKEND_HEADER = "X-Backend"
-SCENARIOS = ("steady", "slow", "sticky", "bulk", "handshake")
+SCENARIOS = ("steady", "slow", "sticky", "bulk", "handshake", "h2")
 log = logging.getLogger("lb-testbed")
 
 # Per process; workers send deltas to the master (see report_to_master below).
 backend_counts: Counter[str] = Counter()
 sticky = {"violations": 0, "users": 0}
+# h2 scenario: per connection, how many distinct backends its streams reached
+h2_spread = {"batches": 0, "streams": 0, "backends_seen": 0}
 _upload_cache: dict[int, bytes] = {}
 _warned: set[str] = set()  # each warning once per process
 _sticky_refused: list[str] = []  # why the sticky scenario cannot run (empty: it can)
@@ -81,6 +88,9 @@ def _add_arguments(parser: Any) -> None:
         help="exit code 1 when the failure ratio is above this (0..1)",
     )
     parser.add_argument("--bulk-bytes", type=int, default=1 << 20, help="bulk scenario size")
+    parser.add_argument(
+        "--h2-streams", type=int, default=10, help="h2 scenario: streams sent at once (10)"
+    )
     parser.add_argument(
         "--backends-out", default="", help="write per-backend counts here (.json or .csv)"
     )
@@ -235,6 +245,58 @@ class TestbedUser(FastHttpUser):
     def _handshake(self) -> None:
         self.client.get("/", headers={"Connection": "close"}, name="/ (new connection)")
 
+    def _h2(self) -> None:
+        from harness.h2 import H2Conn  # h2 and a blocking socket: gevent makes it cooperative
+
+        n = max(1, min(100, getattr(_options(self.environment), "h2_streams", 10)))
+        url = urllib.parse.urlsplit(self.host or "")
+        tls = url.scheme == "https"
+        start = time.perf_counter()
+        conn: H2Conn | None = getattr(self, "h2conn", None)
+        try:
+            if conn is None or conn.closed or conn.goaway is not None:
+                conn = self.h2conn = H2Conn(
+                    url.hostname or "127.0.0.1",
+                    url.port or (443 if tls else 80),
+                    ca_file=(os.environ.get("LB_CA_CERT") or None) if tls else None,
+                    server_name=url.hostname or "localhost",
+                    use_system_ca=tls and not os.environ.get("LB_CA_CERT"),
+                )
+            replies = conn.get(["/"] * n, timeout=self.network_timeout)
+        except (OSError, ConnectionError) as exc:
+            self.h2conn = None
+            self.environment.events.request.fire(
+                request_type="H2",
+                name="/ (h2 stream)",
+                response_time=(time.perf_counter() - start) * 1000,
+                response_length=0,
+                exception=exc,
+            )
+            return
+        elapsed = (time.perf_counter() - start) * 1000
+        seen = set()
+        for r in replies:
+            ok = r.status == 200 and r.ended
+            error = None if ok else ConnectionError(f"status {r.status}, reset {r.reset}")
+            self.environment.events.request.fire(
+                request_type="H2",
+                name="/ (h2 stream)",
+                response_time=elapsed,
+                response_length=len(r.body),
+                exception=error,
+            )
+            if r.backend:
+                backend_counts[r.backend] += 1
+                seen.add(r.backend)
+        h2_spread["batches"] += 1
+        h2_spread["streams"] += len(replies)
+        h2_spread["backends_seen"] += len(seen)
+
+    def on_stop(self) -> None:
+        conn = getattr(self, "h2conn", None)
+        if conn is not None:
+            conn.close()
+
 
 # ---- per-backend distribution ----------------------------------------------------------
 
@@ -253,8 +315,10 @@ def _count_backend(response: Any = None, exception: Any = None, **_kw: Any) -> N
 def _send_counts(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
     data["lb_backends"] = dict(backend_counts)
     data["lb_sticky"] = dict(sticky)
+    data["lb_h2"] = dict(h2_spread)
     backend_counts.clear()
     sticky.update(violations=0, users=0)
+    h2_spread.update(batches=0, streams=0, backends_seen=0)
 
 
 @events.worker_report.add_listener
@@ -262,6 +326,8 @@ def _merge_counts(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
     backend_counts.update(data.get("lb_backends", {}))
     for key, n in data.get("lb_sticky", {}).items():
         sticky[key] = sticky.get(key, 0) + n
+    for key, n in data.get("lb_h2", {}).items():
+        h2_spread[key] = h2_spread.get(key, 0) + n
 
 
 def backend_rows() -> list[dict[str, Any]]:
@@ -272,8 +338,20 @@ def backend_rows() -> list[dict[str, Any]]:
     ]
 
 
+def h2_view() -> dict[str, Any]:
+    """The h2 scenario's spread: mean distinct backends reached by one batch of streams
+    sent at once on one connection (round robin over 3 backends: 3; source hash: 1)."""
+    batches = h2_spread["batches"]
+    mean = round(h2_spread["backends_seen"] / batches, 2) if batches else None
+    return {**h2_spread, "backends_per_connection": mean}
+
+
 def snapshot() -> dict[str, Any]:
-    return {"backends": dict(sorted(backend_counts.items())), "sticky": dict(sticky)}
+    return {
+        "backends": dict(sorted(backend_counts.items())),
+        "sticky": dict(sticky),
+        "h2": h2_view(),
+    }
 
 
 @events.init.add_listener
@@ -313,7 +391,9 @@ def _web_ui(environment: Any, **_kw: Any) -> None:
 def _write_counts(environment: Any, **_kw: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
         return
-    log.info("per-backend responses: %s; sticky: %s", dict(backend_counts), sticky)
+    log.info(
+        "per-backend responses: %s; sticky: %s; h2: %s", dict(backend_counts), sticky, h2_view()
+    )
     out = getattr(_options(environment), "backends_out", "") if environment.parsed_options else ""
     if not out:
         return

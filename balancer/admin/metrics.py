@@ -42,6 +42,10 @@ class _Stats(Protocol):
     bad_requests: int
     overload_rejections: int
     timeouts: int
+    h2_connections_total: int
+    h2_connections_open: int
+    h2_streams_total: int
+    h2_streams_open: int
 
 
 class MetricsSource(Protocol):
@@ -214,6 +218,38 @@ class BalancerCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily(
             "lb_connections_open", "Client connections open now", value=stats.connections_open
+        )
+        # the protocol mix of the public listener: HTTP/1.1 is what is not HTTP/2
+        h2_requests = stats.h2_streams_total
+        for name, doc, h2, total, kind in (
+            (
+                "lb_protocol_connections",
+                "Client connections accepted, by protocol",
+                stats.h2_connections_total,
+                stats.connections_total,
+                CounterMetricFamily,
+            ),
+            (
+                "lb_protocol_requests",
+                "Client requests (HTTP/2: streams), by protocol",
+                h2_requests,
+                stats.requests_total,
+                CounterMetricFamily,
+            ),
+            (
+                "lb_protocol_connections_open",
+                "Client connections open now, by protocol",
+                stats.h2_connections_open,
+                stats.connections_open,
+                GaugeMetricFamily,
+            ),
+        ):
+            family = kind(name, doc, labels=["listener", "protocol"])
+            family.add_metric(["public", "HTTP/1.1"], total - h2)
+            family.add_metric(["public", "HTTP/2"], h2)
+            yield family
+        yield GaugeMetricFamily(
+            "lb_h2_streams_open", "HTTP/2 streams open now", value=stats.h2_streams_open
         )
         role = GaugeMetricFamily("lb_role", "1 for this balancer's current role", labels=["role"])
         roles = ROLES if bal.role in ROLES else (*ROLES, bal.role)

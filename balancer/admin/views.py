@@ -25,6 +25,8 @@ def listener_rows(
             "accept_proxy": list(lst.accept_proxy),
             "bound": f"{bound[i][1]}:{bound[i][2]}" if i < len(bound) else None,
         }
+        if lst.mode == "http":
+            row["protocols"] = ["HTTP/1.1", "HTTP/2"] if lst.http2 else ["HTTP/1.1"]
         if lst.mode == "tcp":
             st = next(contexts).stats
             row["connections"] = {

@@ -82,19 +82,27 @@ def parse_backend(value: str) -> BackendSpec:
 
 
 def parse_listener(value: str) -> ListenerSettings:
-    """`H:P[,mode=http|tcp][,accept_proxy=CIDR]...` as on the command line."""
+    """`H:P[,mode=http|tcp][,accept_proxy=CIDR]...[,http2=on|off]` as on the command line."""
     listen, *opts = value.split(",")
     mode = "http"
     cidrs: list[str] = []
+    http2 = True
     for opt in opts:
         key, _, val = opt.partition("=")
         if key == "mode":
             mode = val  # checked in validate()
         elif key in ("accept_proxy", "accept-proxy"):
             cidrs.append(val)
+        elif key == "http2":
+            if val not in _SWITCH:
+                raise ConfigError(f"listener: http2 must be on or off, got {val!r} in {value!r}")
+            http2 = _SWITCH[val]
         else:
             raise ConfigError(f"listener: unknown option {opt!r} in {value!r}")
-    return ListenerSettings(listen, mode, tuple(cidrs))
+    return ListenerSettings(listen, mode, tuple(cidrs), http2)
+
+
+_SWITCH = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
 
 
 # --- TOML ------------------------------------------------------------------------------------
@@ -235,12 +243,17 @@ def load_toml(path: str, warn: Warn = warn_stderr) -> Config:
                 raise ConfigError('discover must be a list of "NAME:PORT" strings')
             top["discover"] = tuple(value)
         elif key == "listener":
-            if any(k in data for k in ("listen", "mode", "accept_proxy")):
+            if any(k in data for k in ("listen", "mode", "accept_proxy", "http2")):
                 raise ConfigError(
-                    f"{path}: give [[listener]] tables or listen/mode/accept_proxy, not both"
+                    f"{path}: give [[listener]] tables or listen/mode/accept_proxy/http2, not both"
                 )
             first, *more = _listeners(value)
-            top.update(listen=first.listen, mode=first.mode, accept_proxy=first.accept_proxy)
+            top.update(
+                listen=first.listen,
+                mode=first.mode,
+                accept_proxy=first.accept_proxy,
+                http2=first.http2,
+            )
             top["more_listeners"] = tuple(more)
         elif key == "accept_proxy":
             top["accept_proxy"] = _strings("accept_proxy", value)
@@ -282,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listener",
         action="append",
         default=[],
-        metavar="H:P[,mode=tcp][,accept_proxy=CIDR]...",
+        metavar="H:P[,mode=tcp][,accept_proxy=CIDR]...[,http2=off]",
         help="another listener after --listen; repeat for more (TOML: [[listener]] tables)",
     )
     p.add_argument(
@@ -325,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--forwarded", action="store_true", default=None, help="add RFC 7239 Forwarded")
     p.add_argument("--tls-facts", action="store_true", default=None, help="add TLS version/cipher")
+    p.add_argument(
+        "--http2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the first listener serves HTTP/2 too: ALPN h2 with TLS, prior knowledge without "
+        "(default on; others: --listener ...,http2=off)",
+    )
     p.add_argument("--tls-cert", action="append", default=[], help="certificate chain (PEM)")
     p.add_argument("--tls-key", action="append", default=[], help="private key for --tls-cert")
     p.add_argument("--tls-client-ca", help="require client certificates from this CA (mTLS)")

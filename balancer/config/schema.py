@@ -187,13 +187,15 @@ class PairSettings:
 @dataclass(frozen=True)
 class ListenerSettings:
     """One public listener: a TOML `[[listener]]` table. The first listener is also the
-    top-level `listen`/`mode`/`accept_proxy` (and their flags). `tls` and `http2` per
-    listener have their room here; today they are top-level and apply to HTTP listeners."""
+    top-level `listen`/`mode`/`accept_proxy`/`http2` (and their flags). TLS is top-level:
+    it applies to every HTTP listener."""
 
     listen: str = "127.0.0.1:8080"
     mode: str = "http"  # LISTENER_MODES
     # CIDRs a PROXY v1/v2 header is accepted from (and then required); () accepts none
     accept_proxy: tuple[str, ...] = ()
+    # HTTP/2 beside HTTP/1.1 (HTTP listeners): ALPN h2 with TLS, prior knowledge without
+    http2: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,8 @@ class Config:
     workers: str = setting("1", live=False, flag="--workers")
     forwarded: bool = setting(False, live=True, flag="--forwarded")
     tls_facts: bool = setting(False, live=True, flag="--tls-facts")
+    # of the first listener: HTTP/2 beside HTTP/1.1 (see ListenerSettings.http2)
+    http2: bool = setting(True, live=False, flag="--http2")
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
@@ -232,7 +236,7 @@ class Config:
     @property
     def listeners(self) -> tuple[ListenerSettings, ...]:
         """Every public listener, the first one built from `listen`/`mode`/`accept_proxy`."""
-        first = ListenerSettings(self.listen, self.mode, self.accept_proxy)
+        first = ListenerSettings(self.listen, self.mode, self.accept_proxy, self.http2)
         return (first, *self.more_listeners)
 
     def backend_proxy(self, spec: BackendSpec) -> str | None:

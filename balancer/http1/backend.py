@@ -8,9 +8,17 @@ byte tunnel. No I/O: the driver (`balancer.io.backend`) supplies the transport o
 
 from __future__ import annotations
 
+from typing import cast
+
 import httptools
 
-from balancer.http1.exchange import MAX_PIPELINE, ClientPort, Exchange, ListenerContext
+from balancer.http1.exchange import (
+    MAX_PIPELINE,
+    ClientPort,
+    Exchange,
+    ListenerContext,
+    StreamPort,
+)
 from balancer.http1.head import (
     Framing,
     backend_request,
@@ -146,7 +154,10 @@ class BackendSide(Output):
             self.interim = True
             raw = self._take_head()
             if ex.req.version != "1.0" and status in (100, 103):
-                ex.client._send(raw + b"\r\n")
+                if ex.client.h2:
+                    cast(StreamPort, ex.client).interim(status, raw)
+                else:
+                    ex.client._send(raw + b"\r\n")
             return
         if status == 101:
             self.upgrade_head = self._take_head()
@@ -155,6 +166,12 @@ class BackendSide(Output):
         self.hbuf = None
         raw = buf[: buf.find(b"\r\n\r\n") + 2]
         conn = ex.client
+        if conn.h2:
+            cast(StreamPort, conn).response_head(ex, status, raw)
+            if ex.head_request:
+                self.reset_parser = True
+                self._complete(ex, self.parser.should_keep_alive())
+            return
         ctx = conn.ctx
         head, framing, chunked = rewrite_response_head(
             raw,
@@ -206,6 +223,10 @@ class BackendSide(Output):
 
     def _upgrade(self, ex: Exchange, rest: bytes) -> None:
         conn = ex.client
+        if conn.h2:  # an HTTP/2 stream never asked for a 101
+            self.detach()
+            conn.backend_failed(ex, "protocol", reached=True)
+            return
         ex.status = 101
         ex.response_started = True
         reason, headers = split_head(self.upgrade_head)

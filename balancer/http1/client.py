@@ -48,6 +48,8 @@ LINGER = 2.0  # seconds we drain a refused client's input before closing
 class ClientSide(Output):
     """A client's connection: parse requests, run exchanges in order, relay responses."""
 
+    h2 = False
+
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.batch = ctx.batch
@@ -160,6 +162,8 @@ class ClientSide(Output):
             cause = exc.__context__
             if isinstance(cause, BadRequest):
                 self._bad(cause.status, cause.reason)
+            elif data.startswith(b"PRI * HTTP/2.0"):
+                self._bad(400, "HTTP/2 is not enabled on this listener")
             else:
                 self._bad(400, "malformed request")
             return
@@ -430,6 +434,9 @@ class ClientSide(Output):
         if self.paused:
             self._resume()
 
+    def in_flight(self) -> list[Exchange]:
+        return [self.current] if self.current is not None else []
+
     def sweep(self, now: float) -> None:
         """Enforce this connection's deadlines and its exchange's response deadline."""
         if self.closed:
@@ -516,13 +523,13 @@ def rescue_in_flight(ctx: ListenerContext, backend: Backend) -> int:
     """
     moved = 0
     for conn in list(ctx.clients):
-        ex = conn.current
-        if ex is None or ex.backend is not backend or ex.response_started:
-            continue
-        up = ex.backend_conn
-        if up is None:
-            continue
-        up.detach()
-        conn.backend_failed(ex, "timeout", reached=True)
-        moved += 1
+        for ex in conn.in_flight():  # an HTTP/2 connection has one per open stream
+            if ex.backend is not backend or ex.response_started:
+                continue
+            up = ex.backend_conn
+            if up is None:
+                continue
+            up.detach()
+            ex.client.backend_failed(ex, "timeout", reached=True)
+            moved += 1
     return moved

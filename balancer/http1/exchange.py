@@ -44,6 +44,7 @@ class ClientPort(Protocol):
     (`ClientSide`)."""
 
     ctx: ListenerContext
+    h2: bool  # an HTTP/2 stream (a `StreamPort`): the response head goes as fields
     client_ip: bytes
     tls: tuple[str, str] | None
     closed: bool
@@ -63,7 +64,16 @@ class ClientPort(Protocol):
     def backend_failed(self, ex: Exchange, kind: str, reached: bool) -> None: ...
     def queue_timeout(self, ex: Exchange) -> None: ...
     def start_tunnel(self, up: BackendPort, ex: Exchange) -> None: ...
+    def in_flight(self) -> list[Exchange]: ...  # exchanges waiting on a backend
     def sweep(self, now: float) -> None: ...
+
+
+class StreamPort(ClientPort, Protocol):
+    """The client of an exchange that arrived on an HTTP/2 stream (`balancer.http2`): the
+    backend side hands it the response head instead of sending rewritten HTTP/1.1 bytes."""
+
+    def response_head(self, ex: Exchange, status: int, raw: bytes) -> None: ...
+    def interim(self, status: int, raw: bytes) -> None: ...
 
 
 Pool = ConnectionPool[BackendPort, "Exchange"]
@@ -79,6 +89,10 @@ class ListenerStats:
         "bad_requests",
         "connections_open",
         "connections_total",
+        "h2_connections_open",
+        "h2_connections_total",
+        "h2_streams_open",
+        "h2_streams_total",
         "overload_rejections",
         "requests_total",
         "timeouts",
@@ -93,6 +107,11 @@ class ListenerStats:
         self.bad_requests = 0
         self.overload_rejections = 0
         self.timeouts = 0
+        # HTTP/2's share (connections and requests above count both protocols)
+        self.h2_connections_total = 0
+        self.h2_connections_open = 0
+        self.h2_streams_total = 0
+        self.h2_streams_open = 0
 
 
 class ListenerContext:
@@ -259,5 +278,6 @@ class Exchange:
                 "bytes_out": self.bytes_out,
                 "retries": max(0, self.attempts - 1),
                 "request_id": req.request_id.decode("latin-1") or None,
+                "protocol": "HTTP/2" if self.client.h2 else "HTTP/" + req.version,
             }
         )

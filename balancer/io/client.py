@@ -10,6 +10,7 @@ from balancer.http1.client import ClientSide
 from balancer.http1.exchange import ListenerContext
 from balancer.io import lab
 from balancer.io.transport import TransportOps, nodelay
+from balancer.lab.table import ConnRecord
 
 
 class ClientProtocol(TransportOps, ClientSide, asyncio.Protocol):
@@ -22,25 +23,36 @@ class ClientProtocol(TransportOps, ClientSide, asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         nodelay(transport)
         peer = transport.get_extra_info("peername")
-        sslobj = transport.get_extra_info("ssl_object")
-        conns = self.ctx.conns
-        self.rec = rec = lab.track(conns, "client", transport)
-        tls = None
-        if sslobj is not None:
-            facts = lab.tls_facts(sslobj, time.perf_counter() - self.accepted_at)
-            conns.tls_done(rec, facts)
-            tls = (facts.version, facts.cipher)
+        self.rec, tls = track_client(self.ctx, transport, self.accepted_at)
         self.opened(peer[0].encode() if peer else None, tls)
 
     def eof_received(self) -> bool | None:
-        rec = self.rec
-        if rec is not None and rec.fin is None:
-            rec.fin = "peer"
+        peer_fin(self.rec)
         return None  # as asyncio.Protocol's: the transport closes our half
 
     def connection_lost(self, exc: Exception | None) -> None:
         lab.closing(self.ctx.conns, self.rec, exc)
         super().connection_lost(exc)
+
+
+def track_client(
+    ctx: ListenerContext, transport: asyncio.BaseTransport, accepted_at: float
+) -> tuple[ConnRecord, tuple[str, str] | None]:
+    """The network lab's record of an accepted connection, and its (TLS version, cipher)."""
+    conns = ctx.conns
+    rec = lab.track(conns, "client", transport)
+    sslobj = transport.get_extra_info("ssl_object")
+    if sslobj is None:
+        return rec, None
+    facts = lab.tls_facts(sslobj, time.perf_counter() - accepted_at)
+    conns.tls_done(rec, facts)
+    return rec, (facts.version, facts.cipher)
+
+
+def peer_fin(rec: ConnRecord | None) -> None:
+    """eof_received: the peer sent the first FIN unless we had already sent ours."""
+    if rec is not None and rec.fin is None:
+        rec.fin = "peer"
 
 
 class ProxiedClientProtocol(ClientProtocol):

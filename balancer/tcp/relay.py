@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from balancer.config import Config, ListenerSettings
+from balancer.lab.table import ConnTable
 from balancer.lb.cluster import Backend, Cluster
 from balancer.tcp import proxy
 from balancer.tcp.clienthello import (
@@ -94,6 +95,8 @@ class TcpContext:
         self.listener = listener
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in listener.accept_proxy)
         self.relays: set[Relay] = set()
+        # the network lab's records, shared with the HTTP listener (set by the wiring)
+        self.conns: ConnTable | None = None
         self.stats = TcpStats()
         self.draining = False
         self.now = clock()

@@ -45,7 +45,7 @@ class Host(Protocol):
 
     cfg: Config
     cluster: Cluster
-    tls_store: Any
+    tls_stores: dict[bool, Any]
 
     @property
     def stats(self) -> Any: ...
@@ -116,7 +116,7 @@ class WorkerPool:
         for w in self.workers:
             await self._spawn(w)
         self.tasks.append(self.loop.create_task(self._push_loop()))
-        if self.host.tls_store is not None:
+        if self.host.tls_stores:
             self.tasks.append(self.loop.create_task(self._watch_certs()))
 
     async def _spawn(self, w: Worker) -> None:
@@ -319,11 +319,12 @@ class WorkerPool:
             w.send({"type": "reload", "generation": self.reloads})
 
     async def _watch_certs(self) -> None:
-        store = self.host.tls_store
+        stores = list(self.host.tls_stores.values())
         while True:
             await asyncio.sleep(1.0)
             try:
-                if store.maybe_reload():
+                # one store per ALPN variant, the same files: reload all, tell workers once
+                if [s.maybe_reload() for s in stores].count(True):
                     self.cert_reloads += 1
                     for w in self.workers:
                         w.send({"type": "certs", "generation": self.cert_reloads})

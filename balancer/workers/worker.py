@@ -57,7 +57,7 @@ class Follower(Protocol):
     cluster: Cluster
     checks: Any
     follower: bool
-    tls_store: Any
+    tls_stores: dict[bool, Any]
     sweeper: Any
 
     @property
@@ -177,8 +177,8 @@ async def serve_worker(
             share_budget()  # the reload configured the whole floor
             state["reloads"] = int(msg["generation"])
         elif kind == "certs":
-            if balancer.tls_store is not None:
-                balancer.tls_store.reload()
+            for store in balancer.tls_stores.values():
+                store.reload()
             state["cert_reloads"] = int(msg["generation"])
         elif kind == "stop":
             done.set()

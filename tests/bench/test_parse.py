@@ -230,7 +230,13 @@ def test_nginx_config_keeps_state_in_workdir(tmp_path: Path) -> None:
 def test_cli_defaults_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     args = run.parse_args([])
     assert args.duration == 10 and args.connections == 64
-    assert args.modes == ["http-keepalive", "https-keepalive", "https-handshakes", "tcp-keepalive"]
+    assert args.modes == [
+        "http-keepalive",
+        "https-keepalive",
+        "https-handshakes",
+        "tcp-keepalive",
+        "h2-tls",
+    ]
     assert args.proxies == ["balancer", "balancer-w2", "haproxy", "naive-aiohttp"]
     assert run.parse_args(["--proxies", "haproxy,haproxy"]).proxies == ["haproxy"]
     for bad in (["--modes", "h3"], ["--duration", "0"], ["--proxies", ""]):

@@ -169,6 +169,11 @@ function renderCards(s) {
     ["connections open", fmt(st.connections_open)],
     ["connections", fmt(st.connections_total)],
     ["TLS handshakes", fmt(st.tls_handshakes)],
+    ["HTTP/1.1 / HTTP/2 connections",
+      `${fmt(st.connections_total - st.h2_connections_total)} / ${fmt(st.h2_connections_total)}`],
+    ["HTTP/2 streams open", fmt(st.h2_streams_open)],
+    ["streams per HTTP/2 connection",
+      st.h2_connections_total ? (st.h2_streams_total / st.h2_connections_total).toFixed(1) : "-"],
     ["bad requests", fmt(st.bad_requests), st.bad_requests > 0],
     ["overload / timeouts", `${fmt(st.overload_rejections)} / ${fmt(st.timeouts)}`],
   ];

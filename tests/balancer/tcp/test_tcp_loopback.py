@@ -208,3 +208,31 @@ async def test_tls_passthrough_by_sni_verified_by_curl(start_balancer, pki: Path
         # no backend takes this name and there is no default: an unrecognized_name alert
         res = await curl("c.example.test")
         assert res.returncode != 0 and "unrecognized name" in res.stderr.lower()
+
+
+async def test_tcp_mode_connections_are_in_the_network_lab(start_balancer, half_close_server):  # type: ignore[no-untyped-def]
+    """A relayed connection shows on both sides in /api/connections' table, with TCP_INFO,
+    and the record says who sent the first FIN: the client here, then the backend."""
+    host, port = half_close_server
+    bal = await start_balancer([BackendSpec(host, port, name="raw")], mode="tcp", access_log=None)
+    reader, writer = await asyncio.open_connection(*tcp_address(bal))
+    writer.write(b"x" * 1000)
+    await writer.drain()
+    for _ in range(100):  # bounded: the relay connects within a few loop turns
+        sides = {r["side"]: r for r in bal.lab.connections()["connections"]}
+        if set(sides) == {"client", "backend"}:
+            break
+        await asyncio.sleep(0.02)
+    assert sides["backend"]["backend"] == "raw" and sides["backend"]["state"] == "ESTABLISHED"
+    assert sides["client"]["rtt_ms"] is not None
+    writer.write_eof()  # the client's FIN first; the relay passes it on to the backend
+    assert await asyncio.wait_for(reader.read(), IO) == b"got 1000 bytes"
+    writer.close()
+    for _ in range(100):
+        closed = {r["side"]: r for r in bal.lab.connections(closed=True)["closed"]}
+        if set(closed) == {"client", "backend"}:
+            break
+        await asyncio.sleep(0.02)
+    assert closed["client"]["first_fin"] == "peer"  # the client closed first
+    assert closed["backend"]["first_fin"] == "balancer"  # we passed its FIN on
+    assert not bal.lab.connections()["connections"]

@@ -1,0 +1,179 @@
+"""Pure HTTP/2 <-> HTTP/1.1 head translation for one stream: no sockets, no h2 state.
+
+A stream's request head (pseudo-headers and fields, as h2 decoded them) becomes the same
+`RequestHead` an HTTP/1.1 request gives, so the head rules of `balancer.http1.head` and the
+backend request builder apply unchanged; a backend's HTTP/1.1 response head becomes an
+HTTP/2 header list. The rules (RFC 9113 8.2-8.3):
+- `:method`, `:scheme` and `:path` are required once each (CONNECT is refused), pseudo-headers
+  come first and no other one exists; `:authority` wins over `Host` and becomes `Host`.
+- Connection-specific fields never cross: a request carrying them is malformed (h2 checks
+  that too), a response's are dropped, with any field its `Connection` header names.
+- Cookie crumbs are joined with "; " into one `Cookie` field for HTTP/1.1 (8.2.3).
+- A request body without `content-length` goes upstream chunked.
+- Field names are lowercase tokens and values carry no CR, LF, NUL or other controls and
+  no surrounding whitespace (8.2.1): checked here, on every field, because the values are
+  written into an HTTP/1.1 head (h2's own inbound validation is off: it makes any malformed
+  field a connection error, and costs more than these two regexes).
+"""
+
+from __future__ import annotations
+
+import re
+
+from balancer.http1.head import HOP_BY_HOP, BadRequest, RequestHead, inspect_request
+
+_PSEUDO_REQUEST = frozenset({b":method", b":scheme", b":path", b":authority"})
+# TE is allowed in HTTP/2 only as "trailers"; the rest are connection-specific (8.2.2)
+_FORBIDDEN = frozenset(HOP_BY_HOP - {b"te", b"proxy-authenticate", b"proxy-authorization"})
+
+
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
+
+
+class StreamError(Exception):
+    """A malformed stream: reset it with PROTOCOL_ERROR (the connection's others carry on)."""
+
+
+def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> RequestHead:
+    """The HTTP/1.1 view of a stream's request head. StreamError for a malformed head,
+    BadRequest for one that is well formed HTTP/2 but must be refused with a status."""
+    method = scheme = path = authority = None
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    seen_regular = False
+    for name, value in headers:
+        if _BAD_VALUE.search(value) is not None:
+            raise StreamError("invalid field value")
+        if name[:1] == b":":
+            if seen_regular:
+                raise StreamError("pseudo-header after a regular field")
+            if name not in _PSEUDO_REQUEST:
+                raise StreamError("unknown pseudo-header")
+            if name == b":method":
+                if method is not None:
+                    raise StreamError("repeated :method")
+                method = value
+            elif name == b":scheme":
+                if scheme is not None:
+                    raise StreamError("repeated :scheme")
+                scheme = value
+            elif name == b":path":
+                if path is not None:
+                    raise StreamError("repeated :path")
+                path = value
+            else:
+                if authority is not None:
+                    raise StreamError("repeated :authority")
+                authority = value
+            continue
+        seen_regular = True
+        if _NAME.fullmatch(name) is None:
+            raise StreamError("invalid field name")
+        if name in _FORBIDDEN:
+            raise StreamError("connection-specific header field")
+        if name == b"te":
+            if value.strip().lower() != b"trailers":
+                raise StreamError("TE other than trailers")
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host" and authority is not None:
+            continue  # :authority wins (RFC 9113 8.3.1); pseudo-headers come first
+        fields.append((name, value))
+    if method == b"CONNECT":
+        raise BadRequest(405, "CONNECT is not supported")
+    if method is None or scheme is None or not path:
+        raise StreamError("missing :method, :scheme or :path")
+    if authority is not None:
+        if not authority or b"@" in authority:
+            raise StreamError("invalid :authority")
+        fields.append((b"host", authority))
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    if not end_stream and not any(n == b"content-length" for n, _ in fields):
+        fields.append((b"transfer-encoding", b"chunked"))
+    return inspect_request(method, path, "1.1", fields)
+
+
+def trailer_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Request trailers that may follow a chunked body upstream (StreamError if malformed)."""
+    out = []
+    for name, value in headers:
+        if name[:1] == b":" or _NAME.fullmatch(name) is None or _BAD_VALUE.search(value):
+            raise StreamError("invalid trailer field")
+        if name not in HOP_BY_HOP and name not in _NOT_TRAILERS:
+            out.append((name, value))
+    return out
+
+
+_NOT_TRAILERS = frozenset({b"content-length", b"host", b"content-type", b"authorization"})
+
+# one field line of a head llhttp already parsed (no obs-fold, no bare CR or LF)
+_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+
+
+def response_headers(
+    status: int, raw: bytes, extra: list[tuple[bytes, bytes]]
+) -> tuple[list[tuple[bytes, bytes]], int, bool]:
+    """The HTTP/2 header list for a backend's raw HTTP/1.1 response head (status line and
+    field lines), its Content-Length (-1 when it has none) and whether it is chunked."""
+    block = raw[raw.find(b"\r\n") + 2 :]
+    if not block.endswith(b"\r\n"):
+        block += b"\r\n"
+    out = [(b":status", b"%d" % status)]
+    out += [(n.lower(), v) for n, v in _FIELD.findall(block)]
+    length = -1
+    chunked = False
+    filter_out = False
+    drop: set[bytes] | None = None
+    for name, value in out:
+        if name in _SPECIAL:
+            if name == b"content-length":
+                if value.isdigit():
+                    length = int(value)
+                else:
+                    filter_out = True
+                continue
+            filter_out = True  # hop-by-hop: never sent in HTTP/2
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                drop = {t.strip().lower() for t in value.split(b",")}
+    if filter_out:
+        out = [
+            (n, v)
+            for n, v in out
+            if n not in HOP_BY_HOP
+            and (drop is None or n not in drop)
+            and (n != b"content-length" or v.isdigit())
+        ]
+    return out + extra, length, chunked
+
+
+_SPECIAL = HOP_BY_HOP | {b"content-length"}
+
+
+def interim_headers(status: int, raw: bytes) -> list[tuple[bytes, bytes]]:
+    """A 1xx response (100 Continue, 103 Early Hints) as an HTTP/2 header list."""
+    headers, _, _ = response_headers(status, raw, [])
+    return [(n, v) for n, v in headers if n != b"content-length"]
+
+
+def error_headers(status: int, body_len: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":status", b"%d" % status),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % body_len),
+    ]
+
+
+def placeholder(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    """A refused request's head, for its access-log line: method and path as sent."""
+    pseudo = dict(h for h in headers if h[0][:1] == b":")
+    path = pseudo.get(b":path", b"/")
+    try:
+        return inspect_request(pseudo.get(b":method", b"GET"), path, "1.1", [(b"host", b"-")])
+    except BadRequest:
+        return inspect_request(b"GET", b"/", "1.1", [(b"host", b"-")])
