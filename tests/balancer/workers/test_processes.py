@@ -6,6 +6,7 @@ SIGKILLed supervisor."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -193,3 +194,23 @@ def test_no_worker_outlives_a_killed_supervisor() -> None:
         pids = live_pids(bal)
         os.kill(bal.pid, signal.SIGKILL)
         assert wait_gone(pids, 12) == []
+
+
+def test_the_algorithm_and_a_weight_reach_every_worker(stack: LocalStack) -> None:
+    bal = stack.balancers[0]
+    port = stack.service_port
+    ans = bal.admin("/api/algorithm", "PUT", json.dumps({"algorithm": "source-hash"}).encode())
+    assert ans.status == 200
+    time.sleep(0.2)
+    before = [w["requests"] for w in workers(bal)]
+    # one client address: source hash sends it to one backend, whichever worker serves it
+    assert len({get(port)[1] for _ in range(20)}) == 1
+    assert both_served(bal, port, before)
+    ans = bal.admin("/api/algorithm", "PUT", json.dumps({"algorithm": "round-robin"}).encode())
+    assert ans.status == 200
+    ans = bal.admin("/api/backends/b3/weight", "PUT", json.dumps({"weight": 1000}).encode())
+    assert ans.status == 200
+    time.sleep(0.2)
+    before = [w["requests"] for w in workers(bal)]
+    assert {get(port)[1] for _ in range(20)} == {"b3"}  # b3 has 1000 of 1002 shares
+    assert both_served(bal, port, before)
