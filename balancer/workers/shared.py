@@ -34,7 +34,7 @@ class InFlightTable:
     def __init__(self, workers: int, fd: int | None = None) -> None:
         size = workers * MAX_SLOTS * 8
         if fd is None:
-            fd = os.memfd_create("lb-in-flight", 0)  # not inherited but by pass_fds
+            fd = os.memfd_create("lb-in-flight", os.MFD_CLOEXEC)  # workers get it by pass_fds
             os.ftruncate(fd, size)  # zero-filled
         self.fd = fd
         self.map = mmap.mmap(fd, size)

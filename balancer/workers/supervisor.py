@@ -171,6 +171,7 @@ class WorkerPool:
             w.last = {}
         self.table.clear_row(w.index)
         if not self.stopping:
+            self.tasks = [t for t in self.tasks if not t.done()]  # earlier restarts
             self.tasks.append(self.loop.create_task(self._restart(w)))
 
     async def _restart(self, w: Worker) -> None:

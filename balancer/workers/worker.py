@@ -165,7 +165,12 @@ async def serve_worker(
             for backend in went_down:
                 balancer._rescue(backend)
         elif kind == "listen":
-            _, fds, _, _ = socket.recv_fds(fd_chan, 16, int(msg["count"]))
+            try:  # the supervisor sent them before this message: no wait in practice
+                _, fds, _, _ = socket.recv_fds(fd_chan, 16, int(msg["count"]))
+            except OSError as exc:
+                log.error("worker %d: no listening sockets (%s); exiting", index, exc)
+                done.set()
+                return
             socks = [socket.socket(fileno=fd) for fd in fds]
             for s in socks:
                 s.setblocking(False)
