@@ -23,7 +23,12 @@ from balancer.config import Config
 from balancer.http1.exchange import ListenerStats
 from balancer.lb.cluster import Backend, Cluster
 from balancer.workers.codec import Decoder, Message, encode
-from balancer.workers.shared import InFlightTable, SharedBackend, worker_algorithm
+from balancer.workers.shared import (
+    InFlightTable,
+    SharedBackend,
+    SharedRetryBudget,
+    worker_algorithm,
+)
 from balancer.workers.view import apply_snapshot, report
 
 log = logging.getLogger("balancer.worker")
@@ -134,12 +139,11 @@ async def serve_worker(
     cluster.algorithms = worker_algorithm
     cluster.set_algorithm(cluster.algorithm)
 
-    def share_budget() -> None:
-        # the budget's floor is shared out; its ratio applies to each worker's own requests
-        retries = balancer.cfg.retries
-        cluster.budget.configure(retries.budget_ratio, retries.budget_min_per_second / workers)
-
-    share_budget()
+    # the retry budget counts the requests and retries of every worker
+    retries = cfg.retries
+    cluster.budget = SharedRetryBudget(
+        table, index, retries.budget_ratio, retries.budget_min_per_second
+    )
     specs = {b.id: b for b in cfg.backends}
     fd_chan = socket.socket(fileno=int(fd_fd))
     fd_chan.settimeout(2.0)
@@ -179,7 +183,6 @@ async def serve_worker(
             _in_order(_unlisten())
         elif kind == "reload":
             balancer.reload()
-            share_budget()  # the reload configured the whole floor
             state["reloads"] = int(msg["generation"])
         elif kind == "certs":
             for store in balancer.tls_stores.values():

@@ -17,6 +17,7 @@ from balancer.workers.shared import (
     InFlightTable,
     SharedBackend,
     SharedLeastConnections,
+    SharedRetryBudget,
     worker_algorithm,
 )
 from balancer.workers.view import add_into, apply_snapshot, report, snapshot, write_totals
@@ -183,3 +184,24 @@ def test_least_connections_counts_every_workers_in_flight_requests() -> None:
 def test_a_plain_backend_is_unchanged_with_one_worker() -> None:
     c = cluster(SPECS)
     assert type(c.backends["b1"]) is Backend
+
+
+def test_the_retry_budget_counts_every_workers_requests_and_retries() -> None:
+    table = InFlightTable(2)
+    try:
+        # 10 % of requests, no floor: retries are allowed only by requests
+        a = SharedRetryBudget(table, 0, ratio=0.1, min_per_second=0.0)
+        b = SharedRetryBudget(table, 1, ratio=0.1, min_per_second=0.0)
+        assert not b.try_retry(100.0)  # nobody has served a request yet
+        a.on_requests(100.0, 20)  # worker 0's requests...
+        assert b.try_retry(100.5)  # ...give worker 1 a retry
+        assert a.try_retry(100.6)  # and worker 0 the second of the two
+        assert not a.try_retry(100.7)  # 2 retries of 20 requests: spent, over both
+        assert not b.try_retry(100.8)
+        assert not b.try_retry(111.0)  # the window moved past them: nothing left, no debt
+        b.on_requests(111.0, 10)
+        assert a.try_retry(111.1)
+        table.clear_row(1)  # a restarted worker's counts go with it
+        assert not a.try_retry(111.2)
+    finally:
+        table.close()
