@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,8 +136,9 @@ def test_a_drain_reaches_every_worker(stack: LocalStack) -> None:
     assert wait_until(lambda: "b1" in {get(port)[1] for _ in range(6)}, 3)
 
 
-def test_reload_and_certificate_reload_reach_every_worker() -> None:
-    with LocalStack.ephemeral(balancer_args=WORKERS, tls=True) as st:
+def test_reload_and_certificate_reload_reach_every_worker(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"  # its own CA: renewing it touches no other test's certificates
+    with LocalStack.ephemeral(balancer_args=WORKERS, tls=True, pki_dir=pki) as st:
         bal = st.balancers[0]
         assert wait_until(lambda: all(w["listening"] for w in workers(bal)), 10)
         status, _ = bal.post_reload()
