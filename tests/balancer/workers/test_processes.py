@@ -136,6 +136,24 @@ def test_a_drain_reaches_every_worker(stack: LocalStack) -> None:
     assert wait_until(lambda: "b1" in {get(port)[1] for _ in range(6)}, 3)
 
 
+def test_state_and_metrics_show_totals_and_every_worker(stack: LocalStack) -> None:
+    bal = stack.balancers[0]
+    port = stack.service_port
+    assert both_served(bal, port, [w["requests"] for w in workers(bal)])
+    state = bal.state()
+    rows = state["workers"]
+    assert [w["index"] for w in rows] == [0, 1]
+    assert all(w["cpu_seconds"] > 0 and w["rss_bytes"] > 0 for w in rows)
+    # the totals are the workers' sums (the supervisor serves no request itself)
+    assert state["stats"]["requests_total"] >= sum(w["requests"] for w in rows) > 0
+    assert sum(b["requests"] for b in state["backends"]) >= sum(w["requests"] for w in rows)
+    metrics = bal.admin("/metrics").body.decode()
+    for i in (0, 1):
+        for name in ("lb_worker_requests_total", "lb_worker_cpu_seconds_total"):
+            assert f'{name}{{worker="{i}"}}' in metrics, name
+        assert f'lb_worker_rss_bytes{{worker="{i}"}}' in metrics
+
+
 def test_reload_and_certificate_reload_reach_every_worker(tmp_path: Path) -> None:
     pki = tmp_path / "pki"  # its own CA: renewing it touches no other test's certificates
     with LocalStack.ephemeral(balancer_args=WORKERS, tls=True, pki_dir=pki) as st:
