@@ -32,12 +32,12 @@ log = logging.getLogger("balancer.workers")
 PUSH_PERIOD = 0.05  # s: a decision reaches every worker within this (plus a loop turn)
 RESTART_BACKOFF_MAX = 5.0  # s: between restarts of a worker that keeps dying at start
 WORKER_ENV = "LB_WORKER"  # index,ctl fd,fd-channel fd,table fd,workers,supervisor pid
-# one listening socket per listener shared by all workers (the default), or one per worker
-# with SO_REUSEPORT (the kernel spreads connections by a hash of the 4-tuple). Both spread
-# the bench's load within 1 % here; the shared socket keeps serving every connection while
-# a worker restarts (a dead worker's SO_REUSEPORT queue waits for its successor) and lets
-# no other process join the port. See docs/ARCHITECTURE.md "Worker processes".
-REUSE_PORT = os.environ.get("LB_WORKERS_REUSE_PORT", "") == "1"
+# one socket per worker with SO_REUSEPORT (the default: the kernel spreads connections by
+# a hash of the 4-tuple), or one listening socket per listener shared by all workers
+# (LB_WORKERS_SHARED_SOCKET=1). Pinned to one CPU both spread the bench's load within 2 %;
+# on separate CPUs SO_REUSEPORT stayed within 9-11 % where the shared socket was 25-100 %
+# off (the worker that wakes first takes the connections). See docs/ARCHITECTURE.md.
+REUSE_PORT = os.environ.get("LB_WORKERS_SHARED_SOCKET", "") != "1"
 
 
 class Host(Protocol):
