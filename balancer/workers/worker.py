@@ -129,7 +129,12 @@ async def serve_worker(
     if os.getppid() != int(parent):  # the supervisor died before prctl took effect
         return 0
     table = InFlightTable(workers, fd=int(table_fd))
-    balancer = make()
+    try:
+        balancer = make()  # loads the TLS files again: they may have gone since the start
+    except Exception as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        table.close()
+        return 2
     balancer.checks = None  # the supervisor checks
     balancer.follower = True
     cluster = balancer.cluster
