@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -35,6 +36,13 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     except TLSConfigError as exc:
         print(f"balancer: cannot start: {exc}", file=sys.stderr)
         return 2
+    from balancer.workers.count import resolve_here
+
+    workers = resolve_here(cfg.workers)
+    if workers > 1:  # this process supervises; the workers serve the data path
+        from balancer.workers.supervisor import WorkerPool
+
+        balancer.workers = WorkerPool(balancer, argv, workers)
     try:
         await balancer.start()
     except OSError as exc:
@@ -57,6 +65,9 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
             print(f"balancer: {also}listening on {scheme}://{host}:{port}", flush=True)
     if balancer.admin is not None:
         print(f"balancer: admin on {balancer.admin.url}", flush=True)
+    if balancer.workers is not None:
+        pids = " ".join(str(r["pid"]) for r in balancer.workers.rows())
+        print(f"balancer: {workers} workers (pids {pids})", flush=True)
     tune_gc()
     await done.wait()
     await balancer.stop()
@@ -90,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     _install_uvloop()
+    worker = os.environ.get("LB_WORKER")
+    if worker:  # started by a supervisor (balancer.workers.supervisor)
+        from balancer.app import Balancer
+        from balancer.workers.worker import serve_worker
+
+        def load() -> Config:
+            return from_args(argv, warn=logging.getLogger("balancer").warning)
+
+        def make() -> Balancer:
+            return Balancer(cfg, load_config=load)  # in the worker's running loop
+
+        return asyncio.run(serve_worker(make, cfg, worker, tune_gc))
     return asyncio.run(_serve(cfg, argv))
 
 

@@ -42,6 +42,7 @@ from balancer.tcp.relay import TcpContext
 if TYPE_CHECKING:
     from balancer.admin.api import AdminServer, AdminState
     from balancer.pair.role import BalancerRole, PairRole
+    from balancer.workers.supervisor import WorkerPool
 
 log = logging.getLogger("balancer")
 
@@ -166,6 +167,10 @@ class Balancer:
         self.admin: AdminServer | None = None
         self.pair: PairRole | None = None
         self.stopping = False
+        # --workers N > 1: this is the supervisor and `workers` runs the data path; a
+        # worker process's Balancer is a `follower` (its cluster follows the supervisor's)
+        self.workers: WorkerPool | None = None
+        self.follower = False
 
     def _proxy_of(self, backend_id: str) -> str | None:
         """The PROXY version a TCP listener sends this backend (its checks send one too)."""
@@ -201,7 +206,9 @@ class Balancer:
             self.checks.sync()
         if self.cfg.discover:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
-        if self.tls_stores:
+        if self.workers is not None:
+            await self.workers.start()  # the workers watch nothing: certificates here too
+        elif self.tls_stores:
             from balancer.tls.store import watch
 
             for store in self.tls_stores.values():
@@ -219,16 +226,23 @@ class Balancer:
         else:
             await self.start_listening()
 
-    async def start_listening(self) -> None:
-        """Bind the public listener(s). In a pair only the active calls this."""
+    async def start_listening(self, socks: list[socket.socket] | None = None) -> None:
+        """Bind the public listener(s). In a pair only the active calls this. A worker
+        process is handed its listening `socks`; a supervisor hands them out."""
         if self.listening:
             return
-        stores = self.tls_stores
-        tls_for = (lambda h2: stores[h2].context) if stores else None
-        self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls_for)
         loop = self.loop
-        for srv in self.servers:
-            save_syn(srv.sockets)  # the network lab shows each connection's SYN options
+        if self.workers is not None:
+            self.workers.listen()
+        else:
+            stores = self.tls_stores
+            tls_for = (lambda h2: stores[h2].context) if stores else None
+            self.servers = await bind_listeners(self.cfg, self.ctx, self.tcp, tls_for, socks)
+            for srv in self.servers:
+                save_syn(srv.sockets)  # the network lab shows each connection's SYN options
+        if self.follower:
+            self.listening = True
+            return  # the supervisor serves the redirect listener
         https_port = next((p for scheme, _, p in self.bound() if scheme != "tcp"), 0)
         if self.cfg.tls.redirect_http:
             rhost, rport = split_hostport(self.cfg.tls.redirect_http, "redirect-http")
@@ -240,6 +254,8 @@ class Balancer:
     async def stop_listening(self) -> None:
         """Unbind the public listener(s); established connections keep being served."""
         servers, self.servers = self.servers, []
+        if self.workers is not None:
+            self.workers.unlisten()
         for srv in servers:
             # not wait_closed(): on 3.12+ it also waits for every client connection
             srv.close()
@@ -248,6 +264,8 @@ class Balancer:
     @property
     def address(self) -> tuple[str, int]:
         """Where the public listener is bound (useful with port 0)."""
+        if self.workers is not None:
+            return self.workers.bound()[0]
         sock = self.servers[0].sockets[0]
         name = sock.getsockname()
         return name[0], name[1]
@@ -257,8 +275,12 @@ class Balancer:
         TCP mode, else `http` or `https`."""
         http = "https" if self.tls_store is not None else "http"
         out = []
-        for lst, srv in zip(self.cfg.listeners, self.servers, strict=False):
-            name = srv.sockets[0].getsockname()
+        names = (
+            self.workers.bound()
+            if self.workers is not None
+            else [srv.sockets[0].getsockname() for srv in self.servers]
+        )
+        for lst, name in zip(self.cfg.listeners, names, strict=False):
             out.append(("tcp" if lst.mode == "tcp" else http, name[0], name[1]))
         return out
 
@@ -280,6 +302,8 @@ class Balancer:
         if self.pair is not None:
             await self.pair.stop()
         await self.stop_listening()
+        if self.workers is not None:  # they drain as below, each in its own process
+            await self.workers.stop(self.cfg.timeouts.shutdown_grace)
         ctx = self.ctx
         ctx.draining = True
         for tctx in self.tcp:
@@ -396,8 +420,11 @@ class Balancer:
         result = diff(self.cfg, cfg)
         cfg = in_effect(self.cfg, cfg)
         cluster = self.cluster
-        wanted = {b.id: b for b in cfg.backends}
+        # a worker's backends, weights and algorithm follow the supervisor's snapshots
+        wanted = {} if self.follower else {b.id: b for b in cfg.backends}
         for bid, backend in list(cluster.backends.items()):
+            if self.follower:
+                break
             if backend.discovered:
                 continue
             if bid not in wanted:
@@ -410,7 +437,7 @@ class Balancer:
             else:
                 existing.set_weight(spec.weight)
                 existing.backup = spec.backup
-        if cfg.algorithm != cluster.algorithm:
+        if cfg.algorithm != cluster.algorithm and not self.follower:
             self.set_algorithm(cfg.algorithm)
         cluster.budget.configure(cfg.retries.budget_ratio, cfg.retries.budget_min_per_second)
         if cfg.access_log != self.cfg.access_log:
@@ -422,7 +449,7 @@ class Balancer:
                 old.close()
         if cfg.log_level != self.cfg.log_level:
             logging.getLogger().setLevel(cfg.log_level.upper())
-        if cfg.discover and not self.cfg.discover:
+        if cfg.discover and not self.cfg.discover and not self.follower:
             self.tasks.append(self.loop.create_task(self._discover_loop()))
         self.ctx.reconfigure(cfg)
         for tctx in self.tcp:
@@ -439,6 +466,8 @@ class Balancer:
         else:
             log.info("reload: %s", result.summary())
         self.emit(EventKind.RELOAD, "", result.summary())
+        if self.workers is not None:
+            self.workers.reload()
         return result
 
     def drain_and_remove(self, bid: str) -> None:
@@ -550,7 +579,11 @@ class Balancer:
             "backends": self.backend_view(),
             "latency_bounds": list(LATENCY_BUCKETS),
             "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],
+            "workers": self.worker_rows(),
         }
+
+    def worker_rows(self) -> list[dict[str, Any]]:
+        return self.workers.rows() if self.workers is not None else []
 
     def backend_view(self) -> list[dict[str, Any]]:
         return backend_rows(self.cluster, self.pool.counts)

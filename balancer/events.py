@@ -34,6 +34,7 @@ class EventKind(enum.StrEnum):
     DISCOVERY = "discovery"
     ROLE = "role"
     SHUTDOWN = "shutdown"
+    WORKER = "worker"  # a worker process started, exited or was restarted
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ async def wait_closed_by_server(writers: list[asyncio.StreamWriter], limit: floa
     return closed
 
 
-def measure(n: int, idle_timeout: float) -> dict[str, Any]:
+def measure(n: int, idle_timeout: float, workers: int = 1) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = n + 200
     if soft < need:
@@ -80,11 +80,26 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
         lb = h.balancer(
             *("--listen", f"{HOST}:0", "--backend", b1.address, "--no-checks"),
             *("--timeout-idle-keepalive", str(idle_timeout)),
+            *(("--workers", str(workers), "--admin", f"{HOST}:0") if workers > 1 else ()),
         )
         lport = lb.port
         time.sleep(0.5)
         rss_before = proc_rss_kib(lb.pid)
         fds_before = proc_fds(lb.pid)
+        pids = [int(w["pid"]) for w in lb.state()["workers"]] if workers > 1 else []
+
+        def per_worker() -> list[dict[str, Any]]:
+            rows = {int(w["pid"]): w for w in lb.state()["workers"]} if pids else {}
+            return [
+                {
+                    "pid": pid,
+                    "rss_kib": proc_rss_kib(pid),
+                    "connections_open": rows.get(pid, {}).get("connections_open"),
+                }
+                for pid in pids
+            ]
+
+        workers_before = per_worker()
 
         async def run() -> dict[str, Any]:
             t0 = time.monotonic()
@@ -93,6 +108,7 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             rss_open = proc_rss_kib(lb.pid)
             fds_open = proc_fds(lb.pid)
+            workers_open = per_worker()
             closed = await wait_closed_by_server(writers, idle_timeout + 5)
             await asyncio.sleep(1.0)
             for w in writers:
@@ -104,6 +120,8 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
                 "reclaimed_by_idle_timeout": closed,
                 "rss_after_reclaim_kib": proc_rss_kib(lb.pid),
                 "fds_after_reclaim": proc_fds(lb.pid),
+                "workers_open": workers_open,
+                "workers_after_reclaim": per_worker(),
             }
 
         out = asyncio.run(run())
@@ -115,19 +133,39 @@ def measure(n: int, idle_timeout: float) -> dict[str, Any]:
         "fds_before": fds_before,
         **out,
         "bytes_per_idle_connection": round(per_conn),
+        # --workers N: the numbers above are the supervisor's; each worker's are here
+        "workers": workers,
+        "workers_before": workers_before,
+        **_per_worker_cost(workers_before, out.get("workers_open", [])),
     }
+
+
+def _per_worker_cost(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes per idle connection in each worker (its RSS growth over the connections it
+    holds)."""
+    if not before:
+        return {}
+    costs = []
+    for b, o in zip(before, now, strict=False):
+        held = o.get("connections_open") or 0
+        costs.append(round((o["rss_kib"] - b["rss_kib"]) * 1024 / held) if held else None)
+    return {"bytes_per_idle_connection_per_worker": costs}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.idle_conns", description=__doc__)
     p.add_argument("--connections", type=int, default=10000)
     p.add_argument("--idle-timeout", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=1, help="balancer worker processes")
     p.add_argument("--json", type=Path, default=Path("bench/results/idle_conns.json"))
     args = p.parse_args(argv)
     if not 1 <= args.connections <= 15000:
         print("idle_conns: --connections must be 1..15000", file=sys.stderr)
         return 2
-    result = measure(args.connections, args.idle_timeout)
+    if not 1 <= args.workers <= 64:
+        print("idle_conns: --workers must be 1..64", file=sys.stderr)
+        return 2
+    result = measure(args.connections, args.idle_timeout, args.workers)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

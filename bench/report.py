@@ -23,6 +23,9 @@ class Row:
     # % of the machine's CPU time the hypervisor gave to other guests during the window;
     # a proxy measured while it was high was measured on a slower machine
     steal_pct: float | None = None
+    # --workers N rows: the largest distance of one worker's request count from the even
+    # share, in % of that share
+    worker_spread_pct: float | None = None
 
     @classmethod
     def failed(cls, proxy: str, mode: str, reason: str) -> Row:
@@ -68,6 +71,7 @@ def median_rows(samples: Sequence[Row]) -> list[Row]:
                 requests=sum(r.requests or 0 for r in ok),
                 cpu_samples=tuple(r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None),
                 steal_pct=med("steal_pct"),
+                worker_spread_pct=med("worker_spread_pct"),
             )
         )
     return out
@@ -113,11 +117,23 @@ def describe_sample(r: Row) -> str:
     return f"{_fmt(r.rps, '.0f')} req/s, {_fmt(r.cpu_us_per_req, '.1f')} us/req, steal {steal}"
 
 
+def spread_pct(counts: Sequence[int]) -> float | None:
+    """How far the busiest or idlest worker is from an even share, in % of that share."""
+    total = sum(counts)
+    if not counts or total <= 0:
+        return None
+    even = total / len(counts)
+    return round(max(abs(c - even) for c in counts) / even * 100, 1)
+
+
 def _note(r: Row) -> str:
     if r.status != "ok":
         return f"ERROR: {_short(r.reason)}"
+
     if r.steal_pct is not None and r.steal_pct >= STEAL_WARN_PCT:
         return f"host stole {r.steal_pct:.0f}% of CPU time: a noisy measurement"
+    if r.worker_spread_pct is not None:
+        return f"workers within {r.worker_spread_pct:.0f}% of an even share"
     return ""
 
 

@@ -78,8 +78,12 @@ DEFAULT_MODES = [
 ]
 # proxies that have no TCP mode sit the tcp rows out
 TCP_PROXIES = ("balancer", "haproxy")
-PROXIES = ("balancer", "haproxy", "naive-aiohttp")
+PROXIES = ("balancer", "balancer-w2", "haproxy", "naive-aiohttp")
 H2_PROXIES = ("balancer", "haproxy")  # the naive proxy speaks HTTP/1.1 only
+# the balancer with `--workers 2`: CPU summed over the supervisor and both workers (all
+# pinned to the proxy CPU, so the figure compares with one worker's), and the spread of
+# requests over the workers, read from its /api/state
+WORKER_PROXIES = {"balancer-w2": 2}
 
 
 @dataclass(frozen=True)
@@ -307,10 +311,16 @@ def proxy_argv(
     workdir: Path,
     tcp: bool = False,
     h2: bool = False,
+    admin_port: int = 0,
 ) -> list[str]:
     listen = f"127.0.0.1:{port}"
     backend_flags = [x for b in backends for x in ("--backend", f"127.0.0.1:{b}")]
     tls_flags = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)] if tls else []
+    if proxy in WORKER_PROXIES:
+        admin = f"127.0.0.1:{admin_port}"
+        workers = str(WORKER_PROXIES[proxy])
+        argv = proxy_argv("balancer", port, backends, tls, workdir, tcp)
+        return [*argv, "--workers", workers, "--admin", admin]
     if proxy == "balancer":
         return [
             sys.executable,
@@ -404,11 +414,15 @@ def bench_one(
     h: Harness,
     pins: Pins,
 ) -> report.Row:
-    port = free_ports(1)[0]  # HAProxy and the naive proxy cannot report a port they chose
+    # HAProxy and the naive proxy cannot report a port they chose
+    port, admin_port = free_ports(2)
     scheme = "https" if mode.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}/"
     h2 = mode.loadgen == "h2load"
-    argv = pinned(pins.proxy, proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, h2=h2))
+    argv = pinned(
+        pins.proxy,
+        proxy_argv(proxy, port, backends, tls, h.workdir, mode.tcp, h2=h2, admin_port=admin_port),
+    )
     child = h.child(f"{proxy}-{mode.name}", argv)
     try:
         try:
@@ -422,11 +436,16 @@ def bench_one(
             return report.Row.failed(proxy, mode.name, problem)
         if args.warmup:
             run_load(url, args.warmup, args, mode, pins, tls)
+        served_before = worker_requests(admin_port) if proxy in WORKER_PROXIES else []
         before = cpu.read_tree_ticks(child.pid)
         system_before = cpu.read_system_ticks()
         result = run_load(url, args.duration, args, mode, pins, tls)
         after = cpu.read_tree_ticks(child.pid)
         steal = cpu.steal_percent(system_before, cpu.read_system_ticks())
+        spread = None
+        if proxy in WORKER_PROXIES:
+            served = worker_requests(admin_port)
+            spread = report.spread_pct([a - b for a, b in zip(served, served_before, strict=True)])
         if not child.alive:
             return report.Row.failed(proxy, mode.name, child.last_words())
         per_req = (
@@ -444,6 +463,7 @@ def bench_one(
             errors=result.errors,
             requests=result.requests,
             steal_pct=round(steal, 2),
+            worker_spread_pct=spread,
         )
     except (BenchError, wrk.WrkParseError, ProcessLookupError, ValueError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
@@ -452,6 +472,15 @@ def bench_one(
         return report.Row.failed(proxy, mode.name, reason)
     finally:
         child.stop()
+
+
+def worker_requests(admin_port: int) -> list[int]:
+    """Requests served so far by each worker, from the balancer's /api/state."""
+    url = f"http://127.0.0.1:{admin_port}/api/state"
+    time.sleep(0.3)  # the workers report every 0.1 s: read after their latest requests
+    with urllib.request.urlopen(url, timeout=5) as resp:  # plain HTTP on loopback
+        state = json.load(resp)
+    return [int(w["requests"]) for w in state["workers"]]
 
 
 # ---------------------------------------------------------------- whole run
@@ -532,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
     ratios = {
         "balancer/haproxy cpu_us_per_req": report.cpu_ratio(rows, "balancer", "haproxy"),
         "naive-aiohttp/haproxy cpu_us_per_req": report.cpu_ratio(rows, "naive-aiohttp", "haproxy"),
+        "balancer-w2/balancer cpu_us_per_req": report.cpu_ratio(rows, "balancer-w2", "balancer"),
     }
     print(report.format_table(rows))
     for name, per_mode in ratios.items():

@@ -30,6 +30,7 @@ exec python -m balancer \
     --bind-election 0.0.0.0:7946 --peer "$LB_PEER" --priority "$LB_PRIORITY" \
     --vip "${LB_VIP:-172.28.0.100}/${LB_VIP_PREFIX:-24}" --vip-interface eth0 \
     --secret-file /certs/pair.secret \
+    --workers "${LB_WORKERS:-auto}" \
     ${LB_ACCESS_LOG:+--access-log "$LB_ACCESS_LOG"} \
     ${LB_ACCEPT_PROXY:+--accept-proxy "$LB_ACCEPT_PROXY"} \
     "$@"

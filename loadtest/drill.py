@@ -200,11 +200,13 @@ class LocalTarget(Target):
         tls: bool = False,
         pki_dir: Path | None = None,
         check_interval: float | None = None,
+        workers: str = "1",
     ) -> None:
         self.algorithm = algorithm
         self.tls = tls
         self.pki_dir = pki_dir
         self.check_interval = check_interval
+        self.workers = workers
         self.stack: LocalStack | None = None
 
     def setup(self, scenario: Scenario) -> None:
@@ -223,6 +225,7 @@ class LocalTarget(Target):
             pki_dir=self.pki_dir,
             check_interval=self.check_interval,
             netns_backends=(1,) if netem else (),
+            balancer_args=("--workers", self.workers) if self.workers != "1" else (),
         )
         self.stack = stack
         try:
@@ -815,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="local: HTTPS with a CA in --pki")
     p.add_argument("--pki", default="pki", help="local: CA directory for --tls (default ./pki)")
     p.add_argument("--check-interval", type=float, help="local: balancer check interval")
+    p.add_argument("--workers", default="1", metavar="N|auto", help="local: balancer workers")
     p.add_argument("--delay-ms", type=float, default=50.0, help="delay-backend (default 50)")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="delay-backend (default 0)")
     p.add_argument("--loss-pct", type=float, default=5.0, help="loss-backend (default 5)")
@@ -892,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
             tls=args.tls,
             pki_dir=Path(args.pki),
             check_interval=args.check_interval,
+            workers=args.workers,
         )
     else:
         target = DockerTarget(project=args.project, service_url=args.service_url)

@@ -66,6 +66,10 @@ class MetricsSource(Protocol):
     @property
     def started_at(self) -> float: ...
 
+    def worker_rows(self) -> list[dict[str, Any]]:
+        """One row per worker process (`--workers N`); [] with one process."""
+        ...
+
 
 def histogram_buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
     """Per-bucket counts (last one = above every bound) -> cumulative (le, count) pairs."""
@@ -87,6 +91,28 @@ class BalancerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._backend_metrics()
         yield from self._overall_metrics()
+        yield from self._worker_metrics()
+
+    def _worker_metrics(self) -> Iterator[Metric]:
+        rows = self.balancer.worker_rows()
+        if not rows:
+            return
+        families = [
+            (CounterMetricFamily, "lb_worker_requests", "Requests the worker served", "requests"),
+            (GaugeMetricFamily, "lb_worker_connections_open", "Its client connections open now",
+             "connections_open"),
+            (CounterMetricFamily, "lb_worker_cpu_seconds", "CPU time of the worker process",
+             "cpu_seconds"),
+            (GaugeMetricFamily, "lb_worker_rss_bytes", "Resident memory of the worker process",
+             "rss_bytes"),
+            (CounterMetricFamily, "lb_worker_restarts", "Times the worker was restarted",
+             "restarts"),
+        ]  # fmt: skip
+        for family, name, doc, key in families:
+            metric = family(name, doc, labels=["worker"])
+            for row in rows:
+                metric.add_metric([str(row["index"])], float(row[key]))
+            yield metric
 
     def _backend_metrics(self) -> Iterator[Metric]:
         cluster = self.balancer.cluster

@@ -257,6 +257,8 @@ def load_toml(path: str, warn: Warn = warn_stderr) -> Config:
             top["more_listeners"] = tuple(more)
         elif key == "accept_proxy":
             top["accept_proxy"] = _strings("accept_proxy", value)
+        elif key == "workers" and isinstance(value, int) and not isinstance(value, bool):
+            top["workers"] = str(value)  # `workers = 2` and `workers = "auto"` both work
         elif key in _TOP and key not in ("source", "more_listeners"):
             _check_type(path, key, value, _TOP[key])
             top[key] = value
@@ -329,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-start", type=float, help="seconds a recovered backend ramps up over")
     p.add_argument("--access-log", help="file for JSON access log lines, or - for stdout")
     p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="worker processes for the data path (default 1; auto: one per available core)",
+    )
     p.add_argument("--forwarded", action="store_true", default=None, help="add RFC 7239 Forwarded")
     p.add_argument("--tls-facts", action="store_true", default=None, help="add TLS version/cipher")
     p.add_argument(

@@ -215,6 +215,9 @@ class Config:
     slow_start: float = setting(0.0, live=False, flag="--slow-start")
     access_log: str | None = setting(live=True, flag="--access-log")  # path or "-" (stdout)
     log_level: str = setting("info", live=True, flag="--log-level")
+    # worker processes serving the data path: "1" (no extra process), N, or "auto" (one per
+    # available core: CPU affinity and cgroup quota); resolved once at start
+    workers: str = setting("1", live=False, flag="--workers")
     forwarded: bool = setting(False, live=True, flag="--forwarded")
     tls_facts: bool = setting(False, live=True, flag="--tls-facts")
     # of the first listener: HTTP/2 beside HTTP/1.1 (see ListenerSettings.http2)

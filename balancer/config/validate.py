@@ -151,6 +151,8 @@ def validate(cfg: Config) -> None:
         _address("discover", spec, wildcard=False)
     _positive("discover_interval", cfg.discover_interval)
     _not_negative("slow_start", cfg.slow_start)
+    if cfg.workers != "auto" and not (cfg.workers.isdigit() and 1 <= int(cfg.workers) <= 64):
+        _fail("workers", f"must be a number from 1 to 64 or auto, got {cfg.workers!r}")
     _validate_timeouts_limits(cfg)
     _validate_retries_checks_outlier(cfg)
     _validate_admin_tls(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from balancer.config import BackendSpec, OutlierSettings, RetrySettings
 from balancer.events import EventKind
@@ -131,6 +132,17 @@ class Backend:
         self.latency_sum += seconds
 
 
+class Remote(Protocol):
+    """Where a worker process's passive-check outcomes go and its ejections come from: the
+    supervisor decides them once for all workers (balancer.workers)."""
+
+    def failure(self, backend_id: str, kind: str) -> None: ...
+
+    def success(self, backend_id: str) -> None: ...
+
+    def ejected(self, backend_id: str) -> bool: ...
+
+
 class Cluster:
     """All backends of the listener, the scheduler and passive-check state."""
 
@@ -160,6 +172,11 @@ class Cluster:
             ratio=retries.budget_ratio, min_per_second=retries.budget_min_per_second
         )
         self.unbudgeted = 0  # requests not yet reported to the retry budget
+        # a worker process swaps these (shared in-flight counts, supervisor-decided outliers)
+        self.algorithms: Callable[[str, random.Random], Algorithm] = make_algorithm
+        self.make_backend: Callable[[BackendSpec, Callable[[], float], SlowStart | None], Backend]
+        self.make_backend = Backend
+        self.remote: Remote | None = None
         self.scheduler: Algorithm = make_algorithm(algorithm, rng)
         self.algorithm = algorithm
         self.mode = "none"
@@ -172,7 +189,7 @@ class Cluster:
 
     # membership -----------------------------------------------------------------
     def add(self, spec: BackendSpec, discovered: bool = False) -> Backend:
-        backend = Backend(spec, self.clock, self.slow_start)
+        backend = self.make_backend(spec, self.clock, self.slow_start)
         backend.discovered = discovered
         self.backends[backend.id] = backend
         self.outlier.add(backend.id)
@@ -189,7 +206,7 @@ class Cluster:
 
     def set_algorithm(self, algorithm: str) -> None:
         # the new scheduler takes over for the next pick; in-flight requests are untouched
-        self.scheduler = make_algorithm(algorithm, self.rng)
+        self.scheduler = self.algorithms(algorithm, self.rng)
         self.algorithm = algorithm
 
     def invalidate(self) -> None:
@@ -212,6 +229,8 @@ class Cluster:
         return self._eligible
 
     def _is_ejected_now(self, backend_id: str) -> bool:
+        if self.remote is not None:
+            return self.remote.ejected(backend_id)
         return self.outlier.is_ejected(backend_id, self.clock())
 
     def pick(self, key: bytes | None, exclude: tuple[str, ...] = ()) -> Backend | None:
@@ -225,7 +244,10 @@ class Cluster:
     def success(self, backend: Backend) -> None:
         if backend.suspect:  # nothing to reset otherwise: skip the lookup per request
             backend.suspect = False
-            self.outlier.on_success(backend.id)
+            if self.remote is not None:
+                self.remote.success(backend.id)
+            else:
+                self.outlier.on_success(backend.id)
 
     def flush_budget(self, now: float) -> None:
         """Report the requests counted on the hot path to the retry budget."""
@@ -240,6 +262,9 @@ class Cluster:
     def failure(self, backend: Backend, kind: str) -> None:
         now = self.clock()
         backend.suspect = True
+        if self.remote is not None:
+            self.remote.failure(backend.id, kind)
+            return
         if kind not in ("connect", "reset", "timeout", "5xx"):
             kind = "reset"  # e.g. a protocol error: the connection was unusable
         ejection = self.outlier.on_failure(backend.id, kind, now)  # type: ignore[arg-type]

@@ -194,6 +194,7 @@ def test_build_document_shape() -> None:
         "reason",
         "cpu_samples",
         "steal_pct",
+        "worker_spread_pct",
     }
     assert doc["rows"][2]["status"] == "error"
 
@@ -236,7 +237,7 @@ def test_cli_defaults_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         "tcp-keepalive",
         "h2-tls",
     ]
-    assert args.proxies == ["balancer", "haproxy", "naive-aiohttp"]
+    assert args.proxies == ["balancer", "balancer-w2", "haproxy", "naive-aiohttp"]
     assert run.parse_args(["--proxies", "haproxy,haproxy"]).proxies == ["haproxy"]
     for bad in (["--modes", "h3"], ["--duration", "0"], ["--proxies", ""]):
         with pytest.raises(SystemExit) as exc:
@@ -354,3 +355,11 @@ def test_rounds_under_host_contention_are_flagged() -> None:
     assert "host stole 9% of CPU time" in balancer_line
     assert "stole" not in haproxy_line
     assert describe_sample(samples[1]) == "90 req/s, 60.0 us/req, steal 19.0%"
+
+
+def test_spread_is_the_farthest_worker_from_an_even_share() -> None:
+    assert report.spread_pct([50, 50]) == 0.0
+    assert report.spread_pct([60, 40]) == 20.0
+    assert report.spread_pct([10, 10, 40]) == 100.0
+    assert report.spread_pct([]) is None
+    assert report.spread_pct([0, 0]) is None

@@ -13,7 +13,7 @@ const EVENT_CLASS = {
   ejected: "bad", down: "bad", "reload-refused": "bad", "pool-mode": "bad",
   up: "good", recovered: "good", enable: "admin", drain: "admin", maint: "admin",
   weight: "admin", algorithm: "admin", reload: "admin", role: "admin",
-  added: "", draining: "", removed: "", rescued: "", discovery: "", shutdown: "",
+  added: "", draining: "", removed: "", rescued: "", discovery: "", shutdown: "", worker: "",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -380,6 +380,20 @@ function renderCerts(s) {
   $("certs").tBodies[0].replaceChildren(...rows);
 }
 
+function renderWorkers(s) {
+  const workers = s.workers || [];
+  $("workers-panel").hidden = !workers.length;  // one process: nothing to show
+  const rows = workers.map((w) => el("tr", { "data-testid": "worker-row" },
+    el("td", { text: String(w.index) }),
+    el("td", { class: w.alive ? "mono" : "mono crit", text: w.alive ? String(w.pid) : "restarting" }),
+    el("td", { text: String(w.requests) }),
+    el("td", { text: String(w.connections_open) }),
+    el("td", { text: w.cpu_seconds.toFixed(1) }),
+    el("td", { text: (w.rss_bytes / 1048576).toFixed(1) }),
+    el("td", { class: w.restarts ? "soon" : "", text: String(w.restarts) })));
+  $("workers").tBodies[0].replaceChildren(...rows);
+}
+
 function eventClass(e) {
   if (e.kind === "pool-mode") return /normal$/.test(e.detail) ? "good" : "bad";
   return EVENT_CLASS[e.kind] || "";
@@ -407,6 +421,7 @@ function render(s) {
   renderChart(s);
   renderPair(s);
   renderCerts(s);
+  renderWorkers(s);
 }
 
 // ---- mutations ---------------------------------------------------------------------------
