@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from balancer.admin.views import backend_rows, listener_rows
 from balancer.config import (
     ALGORITHMS,
-    BackendSpec,
     Config,
     ConfigError,
     ReloadResult,
@@ -29,10 +28,10 @@ from balancer.http1.exchange import ClientPort, ListenerContext, ListenerStats, 
 from balancer.http1.pool import ConnectionPool
 from balancer.io.backend import Connector
 from balancer.io.checks import ActiveChecks
+from balancer.io.discovery import Discovery
 from balancer.io.lab import Lab, save_syn
 from balancer.io.listener import RedirectProtocol, access_log_sink
 from balancer.io.listeners import Server, bind_listeners
-from balancer.io.names import reverse_replica_name
 from balancer.io.sweeper import Sweeper
 from balancer.io.tcp import open_backend
 from balancer.io.transport import loop_batch
@@ -160,6 +159,9 @@ class Balancer:
                 on_down=self._rescue,
                 proxy_of=self._proxy_of,
             )
+        self.discovery = Discovery(
+            self.cluster, lambda: self.cfg, self.emit, self.drain_and_remove, self._sync_checks
+        )
         self.servers: list[Server] = []
         self.listening = False
         self.role: BalancerRole = "passive" if cfg.pair.peer else "standalone"
@@ -171,6 +173,10 @@ class Balancer:
         # worker process's Balancer is a `follower` (its cluster follows the supervisor's)
         self.workers: WorkerPool | None = None
         self.follower = False
+
+    def _sync_checks(self) -> None:
+        if self.checks is not None:
+            self.checks.sync()
 
     def _proxy_of(self, backend_id: str) -> str | None:
         """The PROXY version a TCP listener sends this backend (its checks send one too)."""
@@ -205,7 +211,7 @@ class Balancer:
         if self.checks is not None:
             self.checks.sync()
         if self.cfg.discover:
-            self.tasks.append(self.loop.create_task(self._discover_loop()))
+            self.tasks.append(self.loop.create_task(self.discovery.run()))
         if self.workers is not None:
             await self.workers.start()  # the workers watch nothing: certificates here too
         elif self.tls_stores:
@@ -450,7 +456,7 @@ class Balancer:
         if cfg.log_level != self.cfg.log_level:
             logging.getLogger().setLevel(cfg.log_level.upper())
         if cfg.discover and not self.cfg.discover and not self.follower:
-            self.tasks.append(self.loop.create_task(self._discover_loop()))
+            self.tasks.append(self.loop.create_task(self.discovery.run()))
         self.ctx.reconfigure(cfg)
         for tctx in self.tcp:
             tctx.reconfigure(cfg)
@@ -488,62 +494,6 @@ class Balancer:
             self.emit(EventKind.REMOVED, bid, "drained")
 
         self.tasks.append(self.loop.create_task(finish()))
-
-    async def _discover_loop(self) -> None:
-        """Re-resolve DNS names; new addresses join (named by reverse DNS), gone ones drain."""
-        first = True
-        while True:
-            # every backend's address (ids are names, DNS answers addresses): an address
-            # already configured or discovered is not added a second time
-            by_address = {b.address for b in self.cluster.backends.values()}
-            seen: set[str] = set()
-            new: dict[str, tuple[str, int, str]] = {}  # address -> (host, port, service)
-            for spec in self.cfg.discover:
-                host, port = split_hostport(spec, "discover")
-                try:
-                    infos = await self.loop.getaddrinfo(
-                        host, port, type=socket.SOCK_STREAM, family=socket.AF_INET
-                    )
-                except (OSError, UnicodeError) as exc:
-                    if first:
-                        self.emit(EventKind.DISCOVERY, "", f"{host}: no servers yet ({exc})")
-                    continue
-                for info in infos:
-                    addr = str(info[4][0])
-                    seen.add(f"{addr}:{port}")
-                    if f"{addr}:{port}" not in by_address:
-                        new.setdefault(f"{addr}:{port}", (addr, port, host.split(".", 1)[0]))
-            # new addresses are named concurrently: a --scale of ten waits for one lookup
-            await asyncio.gather(*(self._add_discovered(*args) for args in new.values()))
-            for bid, backend in list(self.cluster.backends.items()):
-                if (
-                    backend.discovered
-                    and backend.address not in seen
-                    and backend.admin_state != "draining"
-                ):
-                    self.drain_and_remove(bid)
-            if self.checks is not None:
-                self.checks.sync()
-            first = False
-            await asyncio.sleep(self.cfg.discover_interval)
-
-    async def _add_discovered(self, addr: str, port: int, service: str) -> None:
-        """Name a new address as its container is named (`backend-3`), then add it.
-
-        The reverse lookup runs in the executor, in the discovery task, never on the data
-        path; without an answer that names a replica of `service` the name is the address.
-        """
-        address = f"{addr}:{port}"
-        name = await reverse_replica_name(self.loop, addr, service)
-        existing = self.cluster.backends.get(name) if name is not None else None
-        if existing is not None:
-            if existing.discovered and existing.admin_state == "draining":
-                return  # a replica that moved: its old address drains first, next round adds
-            log.warning("discovery: %s is named %s, taken by %s", address, name, existing.address)
-            name = None
-        spec = BackendSpec(addr, port, name=name)
-        self.cluster.add(spec, discovered=True)
-        self.emit(EventKind.ADDED, spec.id, f"{address}, discovered via {service}")
 
     # views (AdminHost, MetricsSource) --------------------------------------------------
     @property

@@ -17,14 +17,32 @@ from __future__ import annotations
 
 from collections import deque
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from balancer.http1.exchange import IDEMPOTENT, PENDING_HIGH, BackendPort, Exchange
 from balancer.http1.head import Framing
 from balancer.http2.request import error_headers, interim_headers, response_headers
 
 if TYPE_CHECKING:
-    from balancer.http2.client import H2ClientSide
+    from balancer.http1.exchange import ListenerContext
+
+
+class StreamOwner(Protocol):
+    """What a stream asks of its connection (`balancer.http2.client.H2ClientSide`): a
+    Protocol, so the two modules do not import each other."""
+
+    ctx: ListenerContext
+    client_ip: bytes
+    tls: tuple[str, str] | None
+    resp_extra: list[tuple[bytes, bytes]]
+
+    def want(self, s: Stream) -> None: ...
+    def ack(self, sid: int, n: int) -> None: ...
+    def send_interim(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def reset(self, s: Stream, code: int) -> None: ...
+    def forget(self, s: Stream) -> None: ...
+    def unsent(self) -> int: ...
+
 
 OUT_HIGH = 128 * 1024  # response bytes held for one stream before the backend is paused
 OUT_LOW = 32 * 1024
@@ -59,7 +77,7 @@ class Stream:
     tunnel: BackendPort | None = None
     queue = _NO_QUEUE
 
-    def __init__(self, side: H2ClientSide, sid: int) -> None:
+    def __init__(self, side: StreamOwner, sid: int) -> None:
         self.side = side
         self.sid = sid
         self.ctx = side.ctx

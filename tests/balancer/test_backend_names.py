@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-import balancer.app
+import balancer.io.discovery
 from balancer.app import Balancer
 from balancer.config import AdminSettings, BackendSpec
 from balancer.events import Event
@@ -96,7 +96,7 @@ async def test_discovery_names_an_address_by_its_reverse_dns(
         asked.append((addr, service))
         return "backend-3"
 
-    monkeypatch.setattr(balancer.app, "reverse_replica_name", replica_3)
+    monkeypatch.setattr(balancer.io.discovery, "reverse_replica_name", replica_3)
     async with run_backend("backend-3") as demo, aiohttp.ClientSession() as session:
         bal = await start_balancer([], discover=(f"localhost:{demo.port}",), discover_interval=0.1)
         assert await _discovered(bal) == [("backend-3", f"127.0.0.1:{demo.port}")]
@@ -123,7 +123,7 @@ async def test_discovery_keeps_names_unique_and_addresses_single(
     async def always_3(loop: Any, addr: str, service: str) -> str | None:
         return "backend-3"
 
-    monkeypatch.setattr(balancer.app, "reverse_replica_name", always_3)
+    monkeypatch.setattr(balancer.io.discovery, "reverse_replica_name", always_3)
     async with run_backend("s") as static, run_backend("d1") as d1, run_backend("d2") as d2:
         bal = await start_balancer(
             [BackendSpec(static.host, static.port, name="b1")],
