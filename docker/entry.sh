@@ -7,8 +7,9 @@
 #
 # A new client connection is kept while the VIP has no owner (a takeover, ~0.6 s): the
 # entry tries the VIP up to ENTRY_TRIES times, each connect bounded by
-# ENTRY_CONNECT_TIMEOUT s, ENTRY_RETRY_INTERVAL s apart, so at most 5 x 0.3 + 4 x 0.15 =
-# 2.1 s by default before it closes the client connection. Connections already relayed to
+# ENTRY_CONNECT_TIMEOUT s, ENTRY_RETRY_INTERVAL s apart. A try often fails at once while
+# the VIP has no owner, so 12 tries keep a connection about 2 s at least (12 x 0.15 s
+# plus the tries) and 12 x 0.3 + 11 x 0.15 = 5.25 s at most before it is closed. Connections already relayed to
 # a balancer that dies are lost with it (as with keepalived). Its dashboard is :9000.
 set -eu
 wait_s="${CERT_WAIT_SECONDS:-120}"
@@ -23,7 +24,7 @@ done
 exec python -m balancer \
     --mode tcp --listen "0.0.0.0:${ENTRY_PORT:-8443}" \
     --backend "${LB_VIP:-172.28.0.100}:443,name=vip,proxy_protocol=v2" \
-    --attempts "${ENTRY_TRIES:-5}" \
+    --attempts "${ENTRY_TRIES:-12}" \
     --timeout-connect "${ENTRY_CONNECT_TIMEOUT:-0.3}" \
     --retry-interval "${ENTRY_RETRY_INTERVAL:-0.15}" \
     --check-type tcp \
