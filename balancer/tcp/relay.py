@@ -42,6 +42,11 @@ from balancer.tcp.clienthello import (
 )
 
 HOLD_HIGH = 256 * 1024  # client bytes held while connecting before reading pauses
+# A TLS client's bytes are kept until the backend's first byte, up to this much, so a
+# backend lost before it answered (a balancer killed mid-handshake, the VIP moving) is
+# tried again with them: the server speaks before any request can have been processed.
+REPLAY_MAX = 16 * 1024
+TLS_HANDSHAKE = 0x16  # the content type of a TLS record that starts a connection
 
 # states
 PREFACE, CONNECTING, OPEN, CLOSED = "preface", "connecting", "open", "closed"
@@ -161,6 +166,7 @@ class Relay:
         "must_read",
         "outcome",
         "peer",
+        "replay",
         "sni",
         "started",
         "state",
@@ -178,6 +184,9 @@ class Relay:
         self.backend: Backend | None = None
         self.backend_end: End | None = None
         self.buf = bytearray()  # client bytes not yet sent to a backend
+        # client bytes sent to a backend that has not answered yet (TLS only, see REPLAY_MAX);
+        # None once it answered, or when the client does not start with a TLS handshake
+        self.replay: bytearray | None = bytearray()
         self.client_eof = False
         self.backend_eof = False
         self.client_paused = False  # we paused reading the client
@@ -214,6 +223,8 @@ class Relay:
         if end is not None:  # the hot path
             self.bytes_in += len(data)
             self.active = True
+            if self.replay is not None:
+                self._keep(data)
             end.write(data)
             return
         if self.state == CLOSED:
@@ -262,6 +273,8 @@ class Relay:
         backend.tcp_connections += 1
         version = self.ctx.proxy_of.get(backend.id, self.ctx.default_proxy)
         head = proxy.encode(version, self.client_addr, self.local) if version else b""
+        if self.buf and self.replay is not None:
+            self._keep(bytes(self.buf))
         if self.buf or head:
             data, self.buf = head + bytes(self.buf), bytearray()
             self.bytes_in += len(data) - len(head)
@@ -289,7 +302,16 @@ class Relay:
         else:
             self._refuse(f"backend {kind} failed")
 
+    def _keep(self, data: bytes) -> None:
+        replay = self.replay
+        assert replay is not None
+        if (not replay and data[0] != TLS_HANDSHAKE) or len(replay) + len(data) > REPLAY_MAX:
+            self.replay = None  # not TLS, or too much to hold: never replayed
+        else:
+            replay += data
+
     def backend_data(self, data: bytes) -> None:
+        self.replay = None  # the backend answered: a retry could repeat what it did
         self.bytes_out += len(data)
         self.active = True
         self.client.write(data)
@@ -301,8 +323,27 @@ class Relay:
             self._finish("closed")
 
     def backend_lost(self, error: bool) -> None:
-        if self.state == OPEN:
-            self._finish("backend reset" if error else "closed", abort_client=error)
+        if self.state != OPEN:
+            return
+        replay, backend = self.replay, self.backend
+        if replay and backend is not None and not self.client_eof:
+            if len(self.tried) < self.ctx.attempts:
+                self._again(backend, replay)
+                return
+        self._finish("backend reset" if error else "closed", abort_client=error)
+
+    def _again(self, backend: Backend, replay: bytearray) -> None:
+        """The backend went before it answered our TLS client: connect again, send it all."""
+        backend.in_flight -= 1
+        backend.errors_connect += 1
+        backend.retries += 1
+        self.ctx.cluster.failure(backend, "connect")
+        self.backend = self.backend_end = None
+        self.bytes_in -= len(replay)
+        self.buf = replay + self.buf
+        self.replay = bytearray()
+        self.state = CONNECTING
+        self._connect()
 
     def backend_pause_writing(self) -> None:
         if not self.client_paused:

@@ -409,3 +409,40 @@ def test_any_preface_ends_in_a_connect_or_a_close(
     assert decided and relay.state in ("connecting", "closed")
     if relay.state == "closed":  # refused before any backend: nothing was relayed
         assert book.log[-1]["backend"] is None and relay.bytes_in == 0
+
+
+def test_a_backend_lost_before_it_answered_a_tls_client_is_tried_again() -> None:
+    """A balancer killed mid-handshake behind the entry: the TLS client's bytes go to the
+    VIP's new owner; nothing was answered, so nothing can have been done twice."""
+    book = Book([A])
+    relay, client = book.accept()
+    hello = client_hello("svc.example")
+    relay.client_data(hello[:10])  # held while connecting
+    first, up = book.connect()
+    relay.client_data(hello[10:])
+    relay.backend_lost(error=True)  # RST from the VIP's new owner: no byte came back
+    assert not client.closed and book.log == []
+    assert book.connects[0][3] == book.cfg.retries.interval  # the same VIP: after a pause
+    second, up2 = book.connect()
+    assert up2.written() == hello  # the whole hello again, in order
+    relay.backend_data(b"\x16\x03\x03 server hello")
+    assert client.written() == b"\x16\x03\x03 server hello"
+    relay.client_lost(error=False)
+    [line] = book.log
+    assert line["attempts"] == 2 and line["bytes_in"] == len(hello)
+    assert first is second and first.in_flight == 0 and first.retries == 1
+
+
+def test_no_replay_once_the_backend_answered_or_for_plain_tcp() -> None:
+    book = Book([A])
+    relay, client = book.accept()
+    relay.client_data(client_hello("svc.example"))
+    book.connect()
+    relay.backend_data(b"\x16 server hello")  # it answered: a retry could repeat its work
+    relay.backend_lost(error=True)
+    assert client.names()[-1] == "abort" and book.connects == []
+    relay2, client2 = book.accept()
+    relay2.client_data(b"POST /pay HTTP/1.1\r\n\r\n")  # plain: the server may have acted
+    book.connect()
+    relay2.backend_lost(error=True)
+    assert client2.names()[-1] == "abort" and book.connects == []
