@@ -419,6 +419,7 @@ def test_a_backend_lost_before_it_answered_a_tls_client_is_tried_again() -> None
     hello = client_hello("svc.example")
     relay.client_data(hello[:10])  # held while connecting
     first, up = book.connect()
+    assert up.written() == hello[:10]
     relay.client_data(hello[10:])
     relay.backend_lost(error=True)  # RST from the VIP's new owner: no byte came back
     assert not client.closed and book.log == []
