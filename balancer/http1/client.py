@@ -35,6 +35,7 @@ from balancer.http1.exchange import (
     BackendPort,
     Exchange,
     ListenerContext,
+    count_failure,
 )
 from balancer.http1.head import BadRequest, Framing, error_response, inspect_request
 from balancer.http1.output import Output
@@ -291,16 +292,8 @@ class ClientSide(Output):
     def backend_failed(self, ex: Exchange, kind: str, reached: bool) -> None:
         """The backend failed before or during the response (`kind`: connect, reset,
         timeout or protocol); `reached` says whether it may have seen the request."""
-        backend = ex.backend
-        ex.backend_conn = None
-        ex.uncount()
         ctx = self.ctx
-        if backend is not None:
-            if kind == "connect":
-                backend.errors_connect += 1
-            else:
-                backend.errors_response += 1
-            ctx.cluster.failure(backend, kind)
+        backend = count_failure(ex, ctx.cluster, kind)
         if ex.dead or self.closed:
             return
         if ex.response_started:

@@ -79,6 +79,21 @@ class StreamPort(ClientPort, Protocol):
 Pool = ConnectionPool[BackendPort, "Exchange"]
 
 
+def count_failure(ex: Exchange, cluster: Cluster, kind: str) -> Backend | None:
+    """A failed attempt (HTTP/1.1 or an HTTP/2 stream): the exchange lets go of its backend
+    connection, and the backend's error counters and outlier detection hear of it."""
+    backend = ex.backend
+    ex.backend_conn = None
+    ex.uncount()
+    if backend is not None:
+        if kind == "connect":
+            backend.errors_connect += 1
+        else:
+            backend.errors_response += 1
+        cluster.failure(backend, kind)
+    return backend
+
+
 def attach(conn: BackendPort, ex: Exchange) -> None:
     """The pool's `attach`: send the exchange's request on the connection."""
     conn.attach(ex)

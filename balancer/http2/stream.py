@@ -19,7 +19,13 @@ from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
-from balancer.http1.exchange import IDEMPOTENT, PENDING_HIGH, BackendPort, Exchange
+from balancer.http1.exchange import (
+    IDEMPOTENT,
+    PENDING_HIGH,
+    BackendPort,
+    Exchange,
+    count_failure,
+)
 from balancer.http1.head import Framing
 from balancer.http2.request import error_headers, interim_headers, response_headers
 
@@ -250,16 +256,8 @@ class Stream:
     def backend_failed(self, ex: Exchange, kind: str, reached: bool) -> None:
         """As `ClientSide.backend_failed`; after the response started only this stream
         is reset."""
-        backend = ex.backend
-        ex.backend_conn = None
-        ex.uncount()
         ctx = self.ctx
-        if backend is not None:
-            if kind == "connect":
-                backend.errors_connect += 1
-            else:
-                backend.errors_response += 1
-            ctx.cluster.failure(backend, kind)
+        backend = count_failure(ex, ctx.cluster, kind)
         if ex.dead or self.closed:
             return
         if ex.response_started:

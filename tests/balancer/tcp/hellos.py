@@ -9,6 +9,8 @@ def client_hello(server_name: str | None) -> bytes:
     """The bytes a real TLS client sends first (its ClientHello records)."""
     ctx = ssl.create_default_context()
     if server_name is None:
+        # a hello without SNI (Python needs this for server_hostname=None); no handshake
+        # is ever completed here, so nothing goes unverified: these are hostile-input bytes
         ctx.check_hostname = False
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
