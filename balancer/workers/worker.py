@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from balancer.config import Config
 from balancer.http1.exchange import ListenerStats
+from balancer.io.lab import Lab
+from balancer.lab.merge import aggregates, id_scheme
 from balancer.lb.cluster import Backend, Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import (
@@ -64,6 +66,7 @@ class Follower(Protocol):
     follower: bool
     tls_stores: dict[bool, Any]
     sweeper: Any
+    lab: Lab
 
     @property
     def stats(self) -> ListenerStats: ...
@@ -150,6 +153,8 @@ async def serve_worker(
         table, index, retries.budget_ratio, retries.budget_min_per_second
     )
     specs = {b.id: b for b in cfg.backends}
+    conns = balancer.lab.table
+    conns.next_id, conns.id_step = id_scheme(index, workers)  # ids unique across workers
     fd_chan = socket.socket(fileno=int(fd_fd))
     fd_chan.settimeout(2.0)
     state: dict[str, Any] = {"reloads": 0, "cert_reloads": 0, "listening": False}
@@ -195,6 +200,8 @@ async def serve_worker(
             state["cert_reloads"] = int(msg["generation"])
         elif kind == "stop":
             done.set()
+        elif kind == "lab":
+            send(_lab_answer(balancer.lab, msg))
 
     ops: list[asyncio.Task[None]] = []
 
@@ -233,6 +240,7 @@ async def serve_worker(
     balancer.sweeper.start()
     on_ready()
     pid = os.getpid()
+    lab_sent = -1
     while not done.is_set():
         usage = resource.getrusage(resource.RUSAGE_SELF)
         extra = {
@@ -240,15 +248,33 @@ async def serve_worker(
             "rss_bytes": _rss_bytes(),
             **state,
         }
+        if conns.changes != lab_sent:  # the lab's aggregates, only when they changed
+            lab_sent = conns.changes
+            extra["lab"] = aggregates(conns)
         send(report(pid, balancer.stats, cluster.backends.values(), extra))
         try:
             await asyncio.wait_for(done.wait(), REPORT_PERIOD)
         except TimeoutError:
             pass
     await balancer.stop()
-    send(report(pid, balancer.stats, cluster.backends.values(), {**state, "final": True}))
+    final = {**state, "final": True, "lab": aggregates(conns)}
+    send(report(pid, balancer.stats, cluster.backends.values(), final))
     if transport is not None:
         transport.close()
     table.close()
     fd_chan.close()
     return 0
+
+
+def _lab_answer(lab: Lab, msg: Message) -> Message:
+    """This worker's part of a lab request: one connection (msg["id"]) or all of them;
+    TCP_INFO is read now (someone is looking), the aggregates come along."""
+    out: Message = {"type": "lab", "req": msg.get("req")}
+    if "id" in msg:
+        out["conn"] = lab.connection(int(msg["id"]))
+    else:
+        view = lab.connections(closed=bool(msg.get("closed")))
+        out["connections"] = view["connections"]
+        out["closed"] = view.get("closed", [])
+    out["lab"] = aggregates(lab.table)
+    return out
