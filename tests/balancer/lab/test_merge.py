@@ -101,10 +101,12 @@ def test_changes_count_what_the_report_carries() -> None:
 
 
 def test_rows_merge_by_id_and_closed_ones_most_recent_first() -> None:
+    w0_closed = [{"id": 3, "opened": 1.0, "age_s": 9.0}]  # closed at 10
+    w1_closed = [{"id": 4, "opened": 2.0, "age_s": 1.0}]  # closed at 3
     replies = [
-        {"pid": 10, "connections": [{"id": 1}, {"id": 5}], "closed": [{"id": 3, "opened": 1.0, "age_s": 9.0}]},
-        {"pid": 11, "connections": [{"id": 2}], "closed": [{"id": 4, "opened": 2.0, "age_s": 1.0}]},
+        {"pid": 10, "connections": [{"id": 1}, {"id": 5}], "closed": w0_closed},
+        {"pid": 11, "connections": [{"id": 2}], "closed": w1_closed},
         {},  # a worker that did not answer
-    ]  # fmt: skip
+    ]
     assert [r["id"] for r in merge_rows(replies, "connections")] == [1, 2, 5]
     assert [r["id"] for r in merge_rows(replies, "closed")] == [3, 4]
