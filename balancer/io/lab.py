@@ -198,6 +198,9 @@ class Lab:
         }
         if closed:
             out["closed"] = merge_rows(replies, "closed")
+        left_off = sum(r.get("left_off", 0) for r in replies)
+        if left_off:  # a worker with very many connections sends only the first ones
+            out["left_off"] = left_off
         return out
 
     async def connection_async(self, cid: int) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from balancer.config import Config
 from balancer.http1.exchange import ListenerStats
 from balancer.io.lab import Lab
 from balancer.lab.merge import aggregates, id_scheme
+from balancer.lab.table import ConnTable
 from balancer.lb.cluster import Backend, Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import (
@@ -36,6 +37,9 @@ from balancer.workers.view import apply_snapshot, report
 log = logging.getLogger("balancer.worker")
 
 REPORT_PERIOD = 0.1  # s between stats reports to the supervisor
+# records one lab answer carries at most: ~1 KB each keeps the frame well under the
+# codec's 4 MiB (a frame over it would be a protocol error, and the worker would exit)
+LAB_MAX_ROWS = 2000
 PR_SET_PDEATHSIG = 1
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -201,7 +205,11 @@ async def serve_worker(
         elif kind == "stop":
             done.set()
         elif kind == "lab":
-            send(_lab_answer(balancer.lab, msg))
+            try:
+                send(_lab_answer(balancer.lab, msg))
+            except ValueError:  # over the frame limit after all: the totals, no rows
+                left = len(conns)
+                send({"type": "lab", "req": msg.get("req"), "left_off": left} | _totals(conns))
 
     ops: list[asyncio.Task[None]] = []
 
@@ -274,7 +282,12 @@ def _lab_answer(lab: Lab, msg: Message) -> Message:
         out["conn"] = lab.connection(int(msg["id"]))
     else:
         view = lab.connections(closed=bool(msg.get("closed")))
-        out["connections"] = view["connections"]
-        out["closed"] = view.get("closed", [])
-    out["lab"] = aggregates(lab.table)
-    return out
+        rows = view["connections"]
+        out["connections"] = rows[:LAB_MAX_ROWS]
+        out["closed"] = view.get("closed", [])[: max(0, LAB_MAX_ROWS - len(rows))]
+        out["left_off"] = max(0, len(rows) - LAB_MAX_ROWS)
+    return out | _totals(lab.table)
+
+
+def _totals(table: ConnTable) -> Message:
+    return {"lab": aggregates(table)}
