@@ -145,7 +145,7 @@ class Balancer:
         self.sweeper = Sweeper([self.ctx, *self.tcp], self.cluster, self.pool)
         self.lab = Lab(
             self.ctx.conns,
-            lambda: {s.getsockname()[1] for srv in self.servers for s in srv.sockets},
+            self._lab_ports,
             lambda: {(b.host, b.port) for b in self.cluster.backends.values()},
         )
         self.checks: ActiveChecks | None = None
@@ -266,6 +266,13 @@ class Balancer:
             # not wait_closed(): on 3.12+ it also waits for every client connection
             srv.close()
         self.listening = False
+
+    def _lab_ports(self) -> set[int]:
+        """The listeners' ports (a supervisor's listening sockets are the workers')."""
+        ports = {s.getsockname()[1] for srv in self.servers for s in srv.sockets}
+        if self.workers is not None:
+            ports |= {port for _, port in self.workers.bound()}
+        return ports
 
     @property
     def address(self) -> tuple[str, int]:

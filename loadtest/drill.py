@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import sys
 import tarfile
 import tempfile
@@ -51,6 +52,7 @@ from harness.traffic import Outcome, run_traffic
 from loadtest.expect import Expectation, ExpectError, evaluate, parse_all
 from loadtest.netdrill import TcpPoint, impairment_for, sample_tcp, tcp_backends
 from loadtest.netem import Impairment, apply_compose, apply_local, clear_compose, clear_local
+from loadtest.ready import NotReady, settled_active, wait_ready
 from loadtest.report import (
     DrillEvent,
     StateSample,
@@ -601,17 +603,6 @@ async def poll_states(
                 return
 
 
-def settled_active(samples: list[StateSample]) -> str | None:
-    """The one active (or standalone) balancer of one poll round, when the others all answer
-    and are passive; None while the pair is unsettled (a node starting, unreachable, or two
-    actives during a start-up race or a stalled peer's takeover)."""
-    active = [s.balancer for s in samples if s.role in ("active", "standalone")]
-    others = [s for s in samples if s.balancer not in active]
-    if len(active) != 1 or any(not s.reachable or s.role != "passive" for s in others):
-        return None
-    return active[0]
-
-
 async def find_active(
     admins: dict[str, str], timeout: float = 10.0, confirm: int = 3, interval: float = 0.2
 ) -> str:
@@ -634,6 +625,35 @@ async def find_active(
                 return last
             await asyncio.sleep(interval)
     raise DrillError(f"no single active balancer with a passive peer (roles seen: {seen})")
+
+
+async def compose_ready(target: Target, timeout: float) -> float:
+    """Wait (bounded) until the compose stack can take a drill's traffic (loadtest.ready):
+    the pair settled, every backend up, the service answering through TLS. Seconds taken."""
+    admins = target.admin_urls()
+    ctx = ssl.create_default_context(cafile=target.ca_file)
+    short = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=short) as session:
+
+        async def poll() -> list[StateSample]:
+            clock = time.monotonic
+            return list(
+                await asyncio.gather(*(_poll_once(session, n, u, clock) for n, u in admins.items()))
+            )
+
+        async def probe() -> bool:
+            try:
+                async with session.get(target.service_url, ssl=ctx) as resp:
+                    await resp.read()
+                    return resp.status == 200
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return False
+
+        want = [target.backend_id(n) for n in target.backend_names()]
+        try:
+            return await wait_ready(poll, probe, want, timeout, asyncio.sleep)
+        except NotReady as exc:
+            raise DrillError(f"the compose stack is {exc}") from None
 
 
 class Progress:
@@ -831,6 +851,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service-url", default="https://localhost:8443", help="docker: service")
     p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=90.0,
+        help="docker: wait at most this long (s) for the stack to be ready before traffic",
+    )
+    p.add_argument(
         "--expect",
         action="append",
         default=[],
@@ -853,6 +879,8 @@ def _check_args(args: argparse.Namespace) -> tuple[float, float]:
         raise DrillError("--duration must be in [1, 3600] seconds")
     if args.timeout <= 0 or args.stall <= 0:
         raise DrillError("--timeout and --stall must be > 0")
+    if not 0 < args.ready_timeout <= 600:
+        raise DrillError("--ready-timeout must be in (0, 600] seconds")
     fault_at = args.fault_at if args.fault_at is not None else 0.3 * args.duration
     restore_at = args.restore_at if args.restore_at is not None else 0.6 * args.duration
     if not 0 <= fault_at < restore_at <= args.duration:
@@ -917,6 +945,10 @@ def main(argv: list[str] | None = None) -> int:
             if out and not Path(out).resolve().parent.is_dir():
                 raise DrillError(f"output directory does not exist: {out}")
         target.setup(scenario)
+        if not args.local:  # right after `make up` the pair, checks and VIP are settling
+            waited = asyncio.run(compose_ready(target, args.ready_timeout))
+            if not args.quiet:
+                print(f"drill: the stack is ready (waited {waited:.1f} s)", file=sys.stderr)
         report = asyncio.run(
             run_drill(
                 target,

@@ -19,8 +19,8 @@ class LabView(Protocol):
 
     table: ConnTable
 
-    def connections(self, closed: bool = False) -> dict[str, Any]: ...
-    def connection(self, cid: int) -> dict[str, Any] | None: ...
+    async def connections_async(self, closed: bool = False) -> dict[str, Any]: ...
+    async def connection_async(self, cid: int) -> dict[str, Any] | None: ...
     def tcp(self) -> Awaitable[dict[str, Any]]: ...
 
 
@@ -35,13 +35,13 @@ def routes(lab: LabView, error: Callable[[int, str], Exception]) -> list[web.Rou
         closed = request.query.get("closed", "0")
         if closed not in ("0", "1"):
             raise error(400, "closed must be 0 or 1")
-        return _json(lab.connections(closed=closed == "1"))
+        return _json(await lab.connections_async(closed=closed == "1"))
 
     async def connection(request: web.Request) -> web.Response:
         raw = request.match_info["id"]
         if not raw.isdigit() or len(raw) > 18:
             raise error(400, "connection id must be a number")
-        view = lab.connection(int(raw))
+        view = await lab.connection_async(int(raw))
         if view is None:
             raise error(404, f"no connection {raw} (open or recently closed)")
         return _json(view)

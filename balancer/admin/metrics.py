@@ -304,10 +304,7 @@ class LabCollector(Collector):
         open_ = GaugeMetricFamily(
             "lb_tcp_connections", "Open connections the lab tracks", labels=["side"]
         )
-        sides = {"client": 0, "backend": 0}
-        for rec in t:
-            sides[rec.side] += 1
-        for side, n in sides.items():
+        for side, n in t.open_by_side().items():
             open_.add_metric([side], n)
         duration = HistogramMetricFamily(
             "lb_tls_handshake_duration_seconds",

@@ -14,10 +14,11 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from balancer.lab import syn as synp
 from balancer.lab import tcpinfo
+from balancer.lab.merge import merge_rows
 from balancer.lab.states import SockRow, count, parse_netstat
 from balancer.lab.table import ConnRecord, ConnTable, Side, TlsFacts
 
@@ -122,8 +123,17 @@ def closing(table: ConnTable, rec: ConnRecord | None, exc: Exception | None) -> 
     table.remove(rec)
 
 
+class Remote(Protocol):
+    """The worker processes that hold the connections (balancer.workers.supervisor)."""
+
+    def pids(self) -> list[int]: ...
+
+    async def ask_lab(self, msg: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+
 class Lab:
-    """What the admin API shows of the connections and sockets."""
+    """What the admin API shows of the connections and sockets. With worker processes
+    (`remote`), the connections are theirs: the `*_async` views ask them."""
 
     def __init__(
         self,
@@ -134,6 +144,8 @@ class Lab:
         self.table = table
         self.listen_ports = listen_ports
         self.backend_addrs = backend_addrs
+        self.remote: Remote | None = None
+        self.pid = os.getpid()  # each record says which process holds it
 
     def _refresh(self, rec: ConnRecord, now: float) -> None:
         if rec.sock is None or now - rec.info_at < SAMPLE_EVERY:
@@ -153,7 +165,7 @@ class Lab:
         rows = []
         for rec in table:
             self._refresh(rec, now)
-            rows.append(rec.view(now, wall))
+            rows.append(rec.view(now, wall) | {"pid": self.pid})
         out: dict[str, Any] = {
             "now": wall,
             "connections": rows,
@@ -161,7 +173,9 @@ class Lab:
             "tls": table.tls_summary(),
         }
         if closed:
-            out["closed"] = [rec.view(now, wall) for rec in reversed(table.closed)]
+            out["closed"] = [
+                rec.view(now, wall) | {"pid": self.pid} for rec in reversed(table.closed)
+            ]
         return out
 
     def connection(self, cid: int) -> dict[str, Any] | None:
@@ -170,7 +184,31 @@ class Lab:
             return None
         now = self.table.clock()
         self._refresh(rec, now)
-        return rec.view(now, time.time(), history=True)
+        return rec.view(now, time.time(), history=True) | {"pid": self.pid}
+
+    async def connections_async(self, closed: bool = False) -> dict[str, Any]:
+        if self.remote is None:
+            return self.connections(closed)
+        replies = await self.remote.ask_lab({"type": "lab", "closed": closed})
+        out: dict[str, Any] = {  # the replies' aggregates are in the table by now
+            "now": time.time(),
+            "connections": merge_rows(replies, "connections"),
+            "backends": self.table.backend_summary(),
+            "tls": self.table.tls_summary(),
+        }
+        if closed:
+            out["closed"] = merge_rows(replies, "closed")
+        left_off = sum(r.get("left_off", 0) for r in replies)
+        if left_off:  # a worker with very many connections sends only the first ones
+            out["left_off"] = left_off
+        return out
+
+    async def connection_async(self, cid: int) -> dict[str, Any] | None:
+        if self.remote is None:
+            return self.connection(cid)
+        replies = await self.remote.ask_lab({"type": "lab", "id": cid})
+        found: dict[str, Any] | None = next((r["conn"] for r in replies if r.get("conn")), None)
+        return found
 
     async def tcp(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -183,7 +221,10 @@ class Lab:
             if rec.side == "backend":
                 host, _, port = rec.peer.rpartition(":")
                 addrs.add((host.strip("[]"), int(port)))
-        counts = count(diag_rows(), our_inodes(), ports, addrs)
+        pids: list[int | str] = ["self"]
+        if self.remote is not None:
+            pids += self.remote.pids()
+        counts = count(diag_rows(), our_inodes(pids), ports, addrs)
         try:
             with open("/proc/net/netstat") as f:
                 netstat = parse_netstat(f.read())
@@ -195,21 +236,23 @@ class Lab:
         return counts
 
 
-def our_inodes() -> set[int]:
-    """The inodes of this process's sockets (its descriptors that are sockets)."""
+def our_inodes(pids: Iterable[int | str] = ("self",)) -> set[int]:
+    """The inodes of the sockets of these processes (this one and its workers): their
+    descriptors that are sockets. A process that is gone adds nothing."""
     out: set[int] = set()
-    fd_dir = "/proc/self/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return out
-    for name in names:
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
         try:
-            target = os.readlink(os.path.join(fd_dir, name))
+            names = os.listdir(fd_dir)
         except OSError:
             continue
-        if target.startswith("socket:["):
-            out.add(int(target[8:-1]))
+        for name in names:
+            try:
+                target = os.readlink(os.path.join(fd_dir, name))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                out.add(int(target[8:-1]))
     return out
 
 

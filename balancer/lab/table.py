@@ -197,22 +197,38 @@ class TlsStats:
 
 
 class ConnTable:
-    def __init__(self, clock: Callable[[], float]) -> None:
+    """`first_id`/`id_step`: worker i of n numbers its records i+1, i+1+n, ... so that an
+    id is unique across workers and names the worker that holds it."""
+
+    def __init__(self, clock: Callable[[], float], first_id: int = 1, id_step: int = 1) -> None:
         self.clock = clock
         self.open: dict[int, ConnRecord] = {}
         self.closed: deque[ConnRecord] = deque(maxlen=CLOSED_KEPT)
-        self.next_id = 1
+        self.next_id = first_id
+        self.id_step = id_step
         self.backends: dict[str, BackendTcp] = {}
         self.tls = TlsStats()
+        self.others_open: dict[str, int] = {}  # a supervisor: its workers' open records
+        self.changes = 0  # bumped when an aggregate or the open set changes
 
     def add(self, side: Side, peer: str, sock: Any, backend: str | None = None) -> ConnRecord:
         rec = ConnRecord(self.next_id, side, peer, sock, backend, self.clock())
-        self.next_id += 1
+        self.next_id += self.id_step
         self.open[rec.id] = rec
+        self.changes += 1
         return rec
+
+    def open_by_side(self) -> dict[str, int]:
+        """Open records by side: this table's and, in a supervisor, its workers'."""
+        sides = {"client": self.others_open.get("client", 0)}
+        sides["backend"] = self.others_open.get("backend", 0)
+        for rec in list(self.open.values()):
+            sides[rec.side] += 1
+        return sides
 
     def tls_done(self, rec: ConnRecord, facts: TlsFacts) -> None:
         rec.tls = facts
+        self.changes += 1
         t = self.tls
         observe(t.duration, HANDSHAKE_BUCKETS, facts.handshake_s)
         t.duration_sum += facts.handshake_s
@@ -230,6 +246,7 @@ class ConnTable:
         rec.history.append((now, info.rtt_ms, info.cwnd, info.total_retrans, info.unacked))
         if rec.backend is None or rec.side != "backend":
             return
+        self.changes += 1
         agg = self.backends.get(rec.backend)
         if agg is None:
             agg = self.backends[rec.backend] = BackendTcp()
@@ -272,6 +289,7 @@ class ConnTable:
     def remove(self, rec: ConnRecord) -> None:
         if self.open.pop(rec.id, None) is None:
             return
+        self.changes += 1
         rec.closed_at = self.clock()
         rec.sock = None
         self.closed.append(rec)

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from balancer.config import Config, split_hostport
 from balancer.events import Event, EventKind
+from balancer.io.lab import Lab
+from balancer.lab.merge import add_aggregates, owner, write_aggregates
 from balancer.lb.cluster import Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import MAX_SLOTS, InFlightTable
@@ -31,6 +33,7 @@ log = logging.getLogger("balancer.workers")
 
 PUSH_PERIOD = 0.05  # s: a decision reaches every worker within this (plus a loop turn)
 RESTART_BACKOFF_MAX = 5.0  # s: between restarts of a worker that keeps dying at start
+LAB_TIMEOUT = 2.0  # s: a worker that has not sent its connections by then is left out
 WORKER_ENV = "LB_WORKER"  # index,ctl fd,fd-channel fd,table fd,workers,supervisor pid
 # one socket per worker with SO_REUSEPORT (the default: the kernel spreads connections by
 # a hash of the 4-tuple), or one listening socket per listener shared by all workers
@@ -46,6 +49,7 @@ class Host(Protocol):
     cfg: Config
     cluster: Cluster
     tls_stores: dict[bool, Any]
+    lab: Lab
 
     @property
     def stats(self) -> Any: ...
@@ -66,6 +70,7 @@ class Worker:
         self.started = 0.0
         self.restarts = 0
         self.last: dict[str, Any] = {}  # its latest stats report
+        self.lab: dict[str, Any] = {}  # its latest network lab aggregates
         self.alive = False
 
     def send(self, msg: Message) -> None:
@@ -103,6 +108,11 @@ class WorkerPool:
         self.slots: dict[str, int] = {}
         self.socks: list[list[socket.socket]] = []  # per listener: one, or one per worker
         self.retired: dict[str, Any] = {}  # counters of worker processes that exited
+        self.retired_lab: dict[str, Any] = {}  # and their network lab aggregates
+        self._lab_dirty = False
+        self._asks: dict[tuple[int, int], asyncio.Future[Message]] = {}  # (req, worker)
+        self._req = 0
+        host.lab.remote = self  # the lab asks the workers for their connections
         self.stopping = False
         self.reloads = 0
         self.cert_reloads = 0
@@ -148,6 +158,7 @@ class WorkerPool:
         w.started = time.monotonic()
         w.alive = True
         w.last = {}
+        w.lab = {}
         transport, _ = await self.loop.create_unix_connection(
             lambda: _Link(self, w), sock=ctl_parent
         )
@@ -169,6 +180,13 @@ class WorkerPool:
             last = dict(w.last, stats=dict(w.last.get("stats", {}), connections_open=0))
             add_into(self.retired, last)
             w.last = {}
+        if w.lab:
+            add_aggregates(self.retired_lab, dict(w.lab, open={}))
+            w.lab = {}
+            self._lab_dirty = True
+        for (_, index), fut in self._asks.items():
+            if index == w.index and not fut.done():
+                fut.set_result({})  # no answer coming: the lab shows the others
         self.table.clear_row(w.index)
         if not self.stopping:
             self.tasks = [t for t in self.tasks if not t.done()]  # earlier restarts
@@ -338,6 +356,15 @@ class WorkerPool:
         cluster = self.host.cluster
         if kind == "stats":
             w.last = msg
+            if "lab" in msg:  # sent when it changed
+                w.lab = msg["lab"]
+                self._lab_dirty = True
+        elif kind == "lab":
+            w.lab = msg.get("lab", w.lab)
+            self._lab_dirty = True
+            fut = self._asks.get((msg.get("req", -1), w.index))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
         elif kind == "fail":
             backend = cluster.backends.get(str(msg.get("id")))
             if backend is not None:
@@ -354,9 +381,46 @@ class WorkerPool:
             if w.last:
                 add_into(total, w.last)
         write_totals(total, self.host.stats, self.host.cluster.backends)
+        if self._lab_dirty:
+            self._write_lab()
         for bid, backend in self.host.cluster.backends.items():
             slot = self.slots.get(bid, -1)
             backend.in_flight = self.table.total(slot) if slot >= 0 else 0
+
+    def _write_lab(self) -> None:
+        self._lab_dirty = False
+        total: dict[str, Any] = {}
+        add_aggregates(total, self.retired_lab)
+        for w in self.workers:
+            add_aggregates(total, w.lab)
+        write_aggregates(total, self.host.lab.table)
+
+    # the network lab ----------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [w.popen.pid for w in self.workers if w.alive and w.popen is not None]
+
+    async def ask_lab(self, msg: Message) -> list[Message]:
+        """Send a lab request to the workers that hold the answer (all of them, or the
+        owner of msg["id"]); their replies within LAB_TIMEOUT, aggregates applied."""
+        targets = [w for w in self.workers if w.alive]
+        if "id" in msg:
+            index = owner(int(msg["id"]), len(self.workers))
+            targets = [w for w in targets if w.index == index]
+        self._req += 1
+        keys = [(self._req, w.index) for w in targets]
+        futs = [self.loop.create_future() for _ in targets]
+        self._asks.update(zip(keys, futs, strict=True))
+        try:
+            for w in targets:
+                w.send({**msg, "req": self._req})
+            if futs:
+                await asyncio.wait(futs, timeout=LAB_TIMEOUT)
+        finally:
+            for key in keys:
+                self._asks.pop(key, None)
+        if self._lab_dirty:
+            self._write_lab()
+        return [f.result() for f in futs if f.done() and f.result()]
 
     def rows(self) -> list[dict[str, Any]]:
         """The `workers` list of /api/state and /metrics."""

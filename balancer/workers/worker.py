@@ -21,6 +21,9 @@ from typing import Any, Protocol
 
 from balancer.config import Config
 from balancer.http1.exchange import ListenerStats
+from balancer.io.lab import Lab
+from balancer.lab.merge import aggregates, id_scheme
+from balancer.lab.table import ConnTable
 from balancer.lb.cluster import Backend, Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import (
@@ -34,6 +37,9 @@ from balancer.workers.view import apply_snapshot, report
 log = logging.getLogger("balancer.worker")
 
 REPORT_PERIOD = 0.1  # s between stats reports to the supervisor
+# records one lab answer carries at most: ~1 KB each keeps the frame well under the
+# codec's 4 MiB (a frame over it would be a protocol error, and the worker would exit)
+LAB_MAX_ROWS = 2000
 PR_SET_PDEATHSIG = 1
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -64,6 +70,7 @@ class Follower(Protocol):
     follower: bool
     tls_stores: dict[bool, Any]
     sweeper: Any
+    lab: Lab
 
     @property
     def stats(self) -> ListenerStats: ...
@@ -150,6 +157,8 @@ async def serve_worker(
         table, index, retries.budget_ratio, retries.budget_min_per_second
     )
     specs = {b.id: b for b in cfg.backends}
+    conns = balancer.lab.table
+    conns.next_id, conns.id_step = id_scheme(index, workers)  # ids unique across workers
     fd_chan = socket.socket(fileno=int(fd_fd))
     fd_chan.settimeout(2.0)
     state: dict[str, Any] = {"reloads": 0, "cert_reloads": 0, "listening": False}
@@ -195,6 +204,12 @@ async def serve_worker(
             state["cert_reloads"] = int(msg["generation"])
         elif kind == "stop":
             done.set()
+        elif kind == "lab":
+            try:
+                send(_lab_answer(balancer.lab, msg))
+            except ValueError:  # over the frame limit after all: the totals, no rows
+                left = len(conns)
+                send({"type": "lab", "req": msg.get("req"), "left_off": left} | _totals(conns))
 
     ops: list[asyncio.Task[None]] = []
 
@@ -233,6 +248,7 @@ async def serve_worker(
     balancer.sweeper.start()
     on_ready()
     pid = os.getpid()
+    lab_sent = -1
     while not done.is_set():
         usage = resource.getrusage(resource.RUSAGE_SELF)
         extra = {
@@ -240,15 +256,38 @@ async def serve_worker(
             "rss_bytes": _rss_bytes(),
             **state,
         }
+        if conns.changes != lab_sent:  # the lab's aggregates, only when they changed
+            lab_sent = conns.changes
+            extra["lab"] = aggregates(conns)
         send(report(pid, balancer.stats, cluster.backends.values(), extra))
         try:
             await asyncio.wait_for(done.wait(), REPORT_PERIOD)
         except TimeoutError:
             pass
     await balancer.stop()
-    send(report(pid, balancer.stats, cluster.backends.values(), {**state, "final": True}))
+    final = {**state, "final": True, "lab": aggregates(conns)}
+    send(report(pid, balancer.stats, cluster.backends.values(), final))
     if transport is not None:
         transport.close()
     table.close()
     fd_chan.close()
     return 0
+
+
+def _lab_answer(lab: Lab, msg: Message) -> Message:
+    """This worker's part of a lab request: one connection (msg["id"]) or all of them;
+    TCP_INFO is read now (someone is looking), the aggregates come along."""
+    out: Message = {"type": "lab", "req": msg.get("req")}
+    if "id" in msg:
+        out["conn"] = lab.connection(int(msg["id"]))
+    else:
+        view = lab.connections(closed=bool(msg.get("closed")))
+        rows = view["connections"]
+        out["connections"] = rows[:LAB_MAX_ROWS]
+        out["closed"] = view.get("closed", [])[: max(0, LAB_MAX_ROWS - len(rows))]
+        out["left_off"] = max(0, len(rows) - LAB_MAX_ROWS)
+    return out | _totals(lab.table)
+
+
+def _totals(table: ConnTable) -> Message:
+    return {"lab": aggregates(table)}

@@ -12,6 +12,7 @@ const COLUMNS = [  // [key, header, numeric]
   ["delivery_rate_bps", "rate bps", true], ["bytes_sent", "sent", true],
   ["bytes_received", "received", true], ["idle_ms", "idle ms", true],
   ["congestion", "cc", false], ["tls", "tls", false],
+  ["pid", "pid", false],  // the process that holds it (a worker with --workers N); as is, not 26.4k
 ];
 const lab = {
   timer: null, tcpTimer: null, rows: [], sortKey: "id", asc: true, picked: null,

@@ -54,12 +54,20 @@ def driver() -> Iterator[object]:
         drv.quit()
 
 
-def test_connections_view_table_detail_and_close(tmp_path: Path, driver: object) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_connections_view_table_detail_and_close(
+    tmp_path: Path, driver: object, workers: str
+) -> None:
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.ui import WebDriverWait
 
     assert isinstance(driver, WebDriver)
-    stack = LocalStack.ephemeral(tls=True, pki_dir=tmp_path / "pki", workdir=tmp_path / "run")
+    stack = LocalStack.ephemeral(
+        tls=True,
+        pki_dir=tmp_path / "pki",
+        workdir=tmp_path / "run",
+        balancer_args=("--workers", workers),
+    )
     with stack:
         assert stack.ca_file is not None
         ctx = ssl.create_default_context(cafile=stack.ca_file)
@@ -82,7 +90,8 @@ def test_connections_view_table_detail_and_close(tmp_path: Path, driver: object)
             def rows() -> list[list[str]]:
                 got: list[list[str]] = driver.execute_script(
                     "return Array.from(document.querySelectorAll('#conns tbody tr'))"
-                    ".map(r => [r.dataset.side, r.cells[3].textContent, r.cells[6].textContent])"
+                    ".map(r => [r.dataset.side, r.cells[3].textContent, r.cells[6].textContent,"
+                    " r.cells[r.cells.length - 1].textContent])"
                 )
                 return got
 
@@ -93,6 +102,10 @@ def test_connections_view_table_detail_and_close(tmp_path: Path, driver: object)
                 )
             )
             WebDriverWait(driver, 10, 0.2).until(lambda d: traffic.ok > 30)
+            # each row names the process that holds it: the balancer, or one of its workers
+            state = stack.balancers[0].state()
+            holders = {str(w["pid"]) for w in state["workers"]} or {str(stack.balancers[0].pid)}
+            assert {r[3] for r in rows()} <= holders
             # sortable: rtt ms, ascending then descending
             driver.execute_script("document.querySelector('th[data-sort=rtt_ms]').click()")
             rtts = [float(r[2]) for r in rows() if r[2] not in (DASH, "")]
@@ -128,10 +141,15 @@ def test_connections_view_table_detail_and_close(tmp_path: Path, driver: object)
             WebDriverWait(driver, 10, 0.2).until(lambda d: detail().get("d-first-FIN") == "peer")
             assert detail()["d-TIME-WAIT-held-by"] == "peer"
 
-            states: str = driver.execute_script(
-                "return document.getElementById('tcp-states').textContent"
+            def states() -> str:  # /api/tcp every 2 s
+                text: str = driver.execute_script(
+                    "return document.getElementById('tcp-states').textContent"
+                )
+                return text
+
+            WebDriverWait(driver, 10, 0.2).until(
+                lambda d: "LISTEN" in states() and "ESTABLISHED" in states()
             )
-            assert "LISTEN" in states and "ESTABLISHED" in states
             WebDriverWait(driver, 10, 0.2).until(
                 lambda d: (
                     "TLSv1.3"
@@ -148,7 +166,11 @@ def test_connections_view_table_detail_and_close(tmp_path: Path, driver: object)
                 )
             )
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            assert driver.save_screenshot(str(ARTIFACTS / "connections.png"))
+            assert driver.save_screenshot(
+                str(
+                    ARTIFACTS / ("connections.png" if workers == "1" else "connections-workers.png")
+                )
+            )
             # read the log while the balancer runs: the page keeps polling until it is gone
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             driver.get("about:blank")
