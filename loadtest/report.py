@@ -371,7 +371,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Drill `{report['scenario']}` ({report['target']})",
         "",
-        f"{report['rate']} req/s for {report['duration_s']} s; faulted: `{report['faulted']}`.",
+        f"{report['rate']} req/s for {report['duration_s']} s; faulted: `{report['faulted']}`"
+        + (f"; lb policy `{report['algorithm']}`." if report.get("algorithm") else "."),
         "",
         "| metric | value |",
         "|---|---|",

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from loadtest import drill
-from loadtest.drill import SCENARIOS, build_parser, default_expectations, expectations_for
+from loadtest.drill import build_parser, default_expectations, expectations_for
 from loadtest.expect import ExpectError, evaluate, parse, parse_all
+from loadtest.targets import SCENARIOS
 
 REPORT: dict[str, Any] = {
     "failed_requests": 3,

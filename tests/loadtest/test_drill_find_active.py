@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from loadtest.drill import DrillError, find_active, settled_active
+from loadtest.drill import find_active, settled_active
 from loadtest.report import StateSample
+from loadtest.targets import DrillError
 
 
 def s(name: str, role: str | None, reachable: bool = True) -> StateSample:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from loadtest import drill
-from loadtest.drill import SCENARIOS, DockerTarget, DrillError
+from loadtest.targets import SCENARIOS, DockerTarget, DrillError
 
 
 @dataclass

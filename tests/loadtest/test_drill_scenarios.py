@@ -9,8 +9,9 @@ import pytest
 
 from harness.traffic import Outcome
 from loadtest import drill
-from loadtest.drill import SCENARIOS, LocalTarget, action_events, scale_summary
+from loadtest.drill import action_events, scale_summary
 from loadtest.report import DrillEvent, StateSample, build_report, fault_event, restore_event
+from loadtest.targets import SCENARIOS, LocalTarget
 
 NEW = "172.28.0.140:8080"
 OLD = "172.28.0.129:8080"

@@ -19,9 +19,10 @@ import pytest
 from harness.netns import list_links, list_namespaces, sweep_stale
 from harness.procs import REPO, python_env
 from harness.traffic import Outcome
-from loadtest.drill import SCENARIOS, DrillError, Scenario, Target, main, run_drill
+from loadtest.drill import main, run_drill
 from loadtest.netdrill import TcpPoint, impairment_for, points_from, tcp_backends
 from loadtest.netem import Impairment, NetemUnavailable
+from loadtest.targets import SCENARIOS, DrillError, Scenario, Target
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "iptables")),
@@ -131,6 +132,8 @@ class _NoNetemTarget(Target):
     service_url = "http://127.0.0.1:9/"  # discard port: every request fails fast
 
     def setup(self, scenario: Scenario) -> None: ...
+
+    def prepare(self) -> None: ...
 
     def teardown(self) -> None: ...
 
