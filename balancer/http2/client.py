@@ -390,9 +390,11 @@ class H2ClientSide(Output):
         """Frame a stream's head and as much body as its window allows."""
         conn = self.conn
         sid = s.sid
+        # END_STREAM goes on the last frame: the head, the last DATA, or the trailers
+        last = s.done and not s.trailers
         if s.head is not None:
             head, s.head = s.head, None
-            end = s.done and not s.out
+            end = last and not s.out
             conn.send_headers(sid, head, end_stream=end)
             if end:
                 self._ended(s)
@@ -413,15 +415,20 @@ class H2ClientSide(Output):
                     out.popleft()
                 window -= n
                 sent += n
-                conn.send_data(sid, chunk, end_stream=s.done and not out)
+                conn.send_data(sid, chunk, end_stream=last and not out)
             s.out_size -= sent
             if sent:
                 s.drained()
-            if not out and s.done:
+            if out or not s.done:
+                return
+            if last:
                 self._ended(s)
-            return
+                return
         if s.done:
-            conn.send_data(sid, b"", end_stream=True)
+            if s.trailers:
+                conn.send_headers(sid, s.trailers, end_stream=True)
+            else:
+                conn.send_data(sid, b"", end_stream=True)
             self._ended(s)
 
     def _ended(self, s: Stream) -> None:

@@ -109,6 +109,14 @@ def trailer_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
 
 
 _NOT_TRAILERS = frozenset({b"content-length", b"host", b"content-type", b"authorization"})
+# a response's trailers never carry connection-specific fields (RFC 9113 8.2.2), framing
+# or what describes the content, which the head already gave (RFC 9110 6.5.1)
+NOT_RESPONSE_TRAILERS = HOP_BY_HOP | {
+    b"content-length",
+    b"content-type",
+    b"content-encoding",
+    b"content-range",
+}
 
 # one field line of a head llhttp already parsed (no obs-fold, no bare CR or LF)
 _FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
