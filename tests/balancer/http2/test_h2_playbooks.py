@@ -3,10 +3,14 @@ flow control both ways, failures that end one stream only, retries, deadlines, G
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from h2book import Peer, goaway_code, ok
 from playbook import Playbook, request_line
 
 from balancer.http1.client import rescue_in_flight
+
+REFUSED_STREAM, ENHANCE_YOUR_CALM = ErrorCodes.REFUSED_STREAM, ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_the_streams_of_one_connection_are_spread_over_the_backends() -> None:
@@ -372,3 +376,27 @@ def test_one_backend_connection_serves_http1_and_http2_each_with_its_trailer_rul
     pb.feed(h1, b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
     pb.feed(up, CHUNKED_WITH_TRAILERS)
     assert h1.written().count(b"\r\n0\r\n\r\n") == 2 and b"X-Checksum" not in h1.written()
+
+
+def test_a_stream_past_the_limit_is_refused_alone_and_one_who_insists_is_cut_off() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb)
+    # the peer ignores our SETTINGS_MAX_CONCURRENT_STREAMS (100), as a racing client would
+    peer.h2.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 1000
+    peer.h2.remote_settings.acknowledge()
+    held = [peer.request(b"/%d" % i) for i in range(100)]  # no answers yet: all stay open
+    extra = peer.request(b"/101")
+    assert peer.responses[extra].reset == REFUSED_STREAM  # safe for the client to retry
+    assert peer.goaway is None and pb.ctx.stats.h2_streams_open == 100
+    conn = pb.connect()  # one answered: room for one more
+    pb.feed(conn, ok())
+    peer.receive()
+    assert peer.responses[held[0]].ended
+    again = peer.request(b"/again")
+    assert peer.responses[again].reset is None and peer.goaway is None
+    for i in range(100):  # 1 refused so far; the 101st refusal is one too many
+        peer.request(b"/more%d" % i)
+        if peer.goaway is not None:
+            break
+    assert goaway_code(peer) == ENHANCE_YOUR_CALM and i == 99
+    assert all(peer.responses[s].reset == REFUSED_STREAM for s in peer.responses if s > again)
