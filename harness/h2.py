@@ -21,6 +21,7 @@ from h2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
@@ -35,6 +36,7 @@ class Reply:
     body: bytes = b""
     ended: bool = False
     reset: int | None = None  # the RST_STREAM error code, if the stream was reset
+    trailers: dict[str, str] = field(default_factory=dict)  # a trailing HEADERS frame's
 
     @property
     def backend(self) -> str | None:
@@ -174,6 +176,8 @@ class H2Conn:
                 if r is not None:
                     r.body += ev.data
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, TrailersReceived) and r is not None:
+                r.trailers = {n.decode(): v.decode("latin-1") for n, v in ev.headers}
             elif isinstance(ev, StreamEnded) and r is not None:
                 r.ended = True
             elif isinstance(ev, StreamReset) and r is not None:

@@ -3,11 +3,15 @@
 A `BackendSide` carries one exchange at a time. It sends the rebuilt request head and the
 body, parses the response with httptools, rewrites its head for the client and relays the
 body, and at the end hands itself back to the pool. On a 101 it becomes one half of a
-byte tunnel. No I/O: the driver (`balancer.io.backend`) supplies the transport operations.
+byte tunnel. For an HTTP/2 stream the parser also reports fields, so a chunked response's
+trailers reach the stream (an HTTP/1.1 client's parser has no per-field callback: they
+cost it nothing, and are dropped as before). No I/O: the driver (`balancer.io.backend`)
+supplies the transport operations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -31,6 +35,9 @@ from balancer.lb.cluster import Backend
 
 
 class BackendSide(Output):
+    # httptools reads this once, when a parser is made: set only while serving HTTP/2
+    on_header: Callable[[bytes, bytes], None]
+
     def __init__(self, ctx: ListenerContext, backend: Backend) -> None:
         self.ctx = ctx
         self.batch = ctx.batch
@@ -47,6 +54,7 @@ class BackendSide(Output):
         self.peer: ClientPort | None = None  # the client, once this is a tunnel
         self.upgrade_head = b""
         self.out: list[bytes] | None = None
+        self.for_h2 = False  # the parser reports fields (trailers) for HTTP/2 streams
 
     def attach(self, ex: Exchange) -> None:
         """Send the exchange's request head and any buffered body."""
@@ -54,6 +62,13 @@ class BackendSide(Output):
         ex.backend_conn = self
         self.hbuf = b""
         conn = ex.client
+        if conn.h2 is not self.for_h2:  # between messages: a new parser loses nothing
+            self.for_h2 = conn.h2
+            if conn.h2:
+                self.on_header = self._trailer_field
+            else:
+                del self.on_header
+            self.parser = httptools.HttpResponseParser(self)
         ctx = conn.ctx
         head = backend_request(ex.req, conn.client_ip, ctx.fwd, conn.tls)
         if ex.pending:
@@ -192,6 +207,13 @@ class BackendSide(Output):
             # llhttp cannot be told the response to HEAD has no body: finish now
             self.reset_parser = True
             self._complete(ex, self.parser.should_keep_alive())
+
+    def _trailer_field(self, name: bytes, value: bytes) -> None:
+        # the head's fields come too (the raw head is used for those): only the fields
+        # after the final head, i.e. a chunked body's trailers, are passed on
+        ex = self.ex
+        if ex is not None and ex.response_started:
+            cast(StreamPort, ex.client).trailer(name, value)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex

@@ -9,10 +9,14 @@ Rules:
   frames what the client's windows allow and writes it in one piece. While the transport
   is paused nothing more is framed; streams then pause their own backends (OUT_HIGH).
 - Defences, each ending in GOAWAY with its code (h2 itself refuses a bad preface,
-  CONTINUATION floods, HPACK bombs and oversized header lists, too many streams):
-  rapid reset (more than RESET_FLOOR streams reset by the client before their response
-  ended, and at least half of all), control-frame floods (SETTINGS, PING, PRIORITY, empty
-  DATA: more than CONTROL_PER_SECOND per second), a write buffer the client never drains.
+  CONTINUATION floods, HPACK bombs and oversized header lists): rapid reset (more than
+  RESET_FLOOR streams reset by the client before their response ended, and at least half
+  of all), control-frame floods (SETTINGS, PING, PRIORITY, empty DATA: more than
+  CONTROL_PER_SECOND per second), a write buffer the client never drains.
+- Too many streams: a stream past MAX_STREAMS open is refused alone (RST_STREAM
+  REFUSED_STREAM, RFC 9113 5.1.2: safe to retry); a client may race our SETTINGS that
+  way. One refused more than REFUSED_FLOOR times ignores them: GOAWAY ENHANCE_YOUR_CALM.
+  h2 enforces a looser bound (H2_STREAMS), reached only by one read opening that many.
   A stream whose window stays shut while its response waits is reset (`Stream.sweep`).
 - Graceful stop: when the listener drains, GOAWAY names the last stream processed; newer
   streams are refused (REFUSED_STREAM, safe to retry) and open ones finish.
@@ -50,7 +54,9 @@ from balancer.http2.hpack import FastDecoder, StatelessEncoder
 from balancer.http2.request import StreamError, placeholder, request_head, trailer_fields
 from balancer.http2.stream import Stream
 
-MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
+MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS, enforced by refusing the stream
+H2_STREAMS = 2 * MAX_STREAMS  # h2's own bound: GOAWAY PROTOCOL_ERROR past it
+REFUSED_FLOOR = 100  # streams refused for the limit before the client is cut off
 CONNECTION_WINDOW = 1 << 20  # request body in flight on one connection, all streams
 STREAM_WINDOW = 256 * 1024  # request body in flight on one stream
 RESET_FLOOR = 100  # client resets tolerated before the rapid-reset rule applies
@@ -95,6 +101,7 @@ class H2ClientSide(Output):
         self.out: list[bytes] | None = None
         self.resp_extra: list[tuple[bytes, bytes]] = []
         self.opened_streams = 0
+        self.refused = 0  # streams refused for exceeding MAX_STREAMS
         self.client_resets = 0
         self.control = 0
         self.control_since = 0.0
@@ -129,16 +136,18 @@ class H2ClientSide(Output):
         ctx.clients.add(self)
         conn = self.conn
         # advertised in the first SETTINGS and enforced from the start (h2 reads these)
-        conn.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            },
-        )
+        values = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        }
+        conn.local_settings = Settings(client=False, initial_values=values)
         conn.decoder.max_header_list_size = ctx.limits.max_header_bytes
         conn.initiate_connection()
+        # what h2 enforces from now on (the frame above advertised MAX_STREAMS): a stream
+        # past MAX_STREAMS reaches `_request`, which refuses it alone
+        values[SettingCodes.MAX_CONCURRENT_STREAMS] = H2_STREAMS
+        conn.local_settings = Settings(client=False, initial_values=values)
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.control_since = ctx.now
         self.deadline = ctx.now + ctx.timeouts.idle_keepalive
@@ -259,6 +268,13 @@ class H2ClientSide(Output):
             self._refuse(sid, ErrorCodes.REFUSED_STREAM)
             return
         stats = ctx.stats
+        if len(self.streams) >= MAX_STREAMS:
+            stats.overload_rejections += 1
+            self._refuse(sid, ErrorCodes.REFUSED_STREAM)
+            self.refused += 1
+            if self.refused > REFUSED_FLOOR:
+                self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
+            return
         stats.requests_total += 1
         stats.h2_streams_total += 1
         self.opened_streams += 1
@@ -390,9 +406,11 @@ class H2ClientSide(Output):
         """Frame a stream's head and as much body as its window allows."""
         conn = self.conn
         sid = s.sid
+        # END_STREAM goes on the last frame: the head, the last DATA, or the trailers
+        last = s.done and not s.trailers
         if s.head is not None:
             head, s.head = s.head, None
-            end = s.done and not s.out
+            end = last and not s.out
             conn.send_headers(sid, head, end_stream=end)
             if end:
                 self._ended(s)
@@ -413,15 +431,20 @@ class H2ClientSide(Output):
                     out.popleft()
                 window -= n
                 sent += n
-                conn.send_data(sid, chunk, end_stream=s.done and not out)
+                conn.send_data(sid, chunk, end_stream=last and not out)
             s.out_size -= sent
             if sent:
                 s.drained()
-            if not out and s.done:
+            if out or not s.done:
+                return
+            if last:
                 self._ended(s)
-            return
+                return
         if s.done:
-            conn.send_data(sid, b"", end_stream=True)
+            if s.trailers:
+                conn.send_headers(sid, s.trailers, end_stream=True)
+            else:
+                conn.send_data(sid, b"", end_stream=True)
             self._ended(s)
 
     def _ended(self, s: Stream) -> None:

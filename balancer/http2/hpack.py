@@ -92,7 +92,7 @@ class FastDecoder(Decoder):
                 return super().decode(data, raw)
         get = self.header_table.get_by_index  # InvalidTableIndex (an HPACKError) if bad
         headers = [get(b & 0x7F) for b in data]
-        size = sum(len(n) + len(v) + 32 for n, v in headers)
+        size = sum([len(n) + len(v) for n, v in headers]) + 32 * len(headers)
         if size > self.max_header_list_size:
             msg = f"A header list larger than {self.max_header_list_size} has been received"
             raise OversizedHeaderListError(msg)

@@ -31,6 +31,14 @@ _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
 
 
+# fields already found valid (a client repeats most of its fields on every request, and
+# HPACK hands back the same objects): checking is a pure function of (name, value), so a
+# hit skips the two regular expressions. Bounded in entries and in each entry's size.
+_CLEAN: dict[tuple[bytes, bytes], None] = {}
+CLEAN_MAX = 4096
+CLEAN_FIELD = 512
+
+
 class StreamError(Exception):
     """A malformed stream: reset it with PROTOCOL_ERROR (the connection's others carry on)."""
 
@@ -42,9 +50,15 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
     seen_regular = False
-    for name, value in headers:
-        if _BAD_VALUE.search(value) is not None:
-            raise StreamError("invalid field value")
+    clean = _CLEAN
+    if len(clean) > CLEAN_MAX:
+        clean.clear()
+    for field in headers:
+        name, value = field
+        checked = field in clean
+        if not checked:
+            if _BAD_VALUE.search(value) is not None:
+                raise StreamError("invalid field value")
         if name[:1] == b":":
             if seen_regular:
                 raise StreamError("pseudo-header after a regular field")
@@ -66,22 +80,27 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Reques
                 if authority is not None:
                     raise StreamError("repeated :authority")
                 authority = value
+            if not checked and len(value) <= CLEAN_FIELD:
+                clean[field] = None  # a pseudo-header: only its value is checked here
             continue
         seen_regular = True
-        if _NAME.fullmatch(name) is None:
-            raise StreamError("invalid field name")
-        if name in _FORBIDDEN:
-            raise StreamError("connection-specific header field")
-        if name == b"te":
-            if value.strip().lower() != b"trailers":
-                raise StreamError("TE other than trailers")
-            continue
+        if not checked:
+            if _NAME.fullmatch(name) is None:
+                raise StreamError("invalid field name")
+            if name in _FORBIDDEN:
+                raise StreamError("connection-specific header field")
+            if name == b"te":
+                if value.strip().lower() != b"trailers":
+                    raise StreamError("TE other than trailers")
+                continue
+            if len(name) + len(value) <= CLEAN_FIELD:
+                clean[field] = None
         if name == b"cookie":
             cookies.append(value)
             continue
         if name == b"host" and authority is not None:
             continue  # :authority wins (RFC 9113 8.3.1); pseudo-headers come first
-        fields.append((name, value))
+        fields.append(field)
     if method == b"CONNECT":
         raise BadRequest(405, "CONNECT is not supported")
     if method is None or scheme is None or not path:
@@ -109,9 +128,19 @@ def trailer_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
 
 
 _NOT_TRAILERS = frozenset({b"content-length", b"host", b"content-type", b"authorization"})
+# a response's trailers never carry connection-specific fields (RFC 9113 8.2.2), framing
+# or what describes the content, which the head already gave (RFC 9110 6.5.1)
+NOT_RESPONSE_TRAILERS = HOP_BY_HOP | {
+    b"content-length",
+    b"content-type",
+    b"content-encoding",
+    b"content-range",
+}
 
-# one field line of a head llhttp already parsed (no obs-fold, no bare CR or LF)
-_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+# one field line of a head llhttp already parsed (no obs-fold, no bare CR or LF); the
+# value is matched greedily, then trailing whitespace given back (a lazy match retried
+# the rest of the pattern at every byte: twice the instructions)
+_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*(?<![ \t]))[ \t]*\r\n")
 
 
 def response_headers(
@@ -123,36 +152,32 @@ def response_headers(
     if not block.endswith(b"\r\n"):
         block += b"\r\n"
     out = [(b":status", b"%d" % status)]
-    out += [(n.lower(), v) for n, v in _FIELD.findall(block)]
     length = -1
     chunked = False
-    filter_out = False
     drop: set[bytes] | None = None
-    for name, value in out:
-        if name in _SPECIAL:
-            if name == b"content-length":
-                if value.isdigit():
-                    length = int(value)
-                else:
-                    filter_out = True
-                continue
-            filter_out = True  # hop-by-hop: never sent in HTTP/2
-            if name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection":
-                drop = {t.strip().lower() for t in value.split(b",")}
-    if filter_out:
-        out = [
-            (n, v)
-            for n, v in out
-            if n not in HOP_BY_HOP
-            and (drop is None or n not in drop)
-            and (n != b"content-length" or v.isdigit())
-        ]
+    # one pass: most fields are kept as they are; the few special ones are looked at
+    for name, value in _FIELD.findall(block):
+        name = name.lower()
+        if name not in _SPECIAL:
+            out.append((name, value))
+        elif name == b"content-length":
+            if value.isdigit():
+                length = int(value)
+                out.append((name, value))
+        elif name == b"transfer-encoding":
+            chunked = True  # hop-by-hop, like the rest: never sent in HTTP/2
+        elif name == b"connection":
+            names = {t.strip().lower() for t in value.split(b",")}
+            drop = names if drop is None else drop | names
+    if drop is not None:
+        drop -= _NOT_LISTED  # "keep-alive", "close": nothing more to take out
+        if drop:
+            out = [f for f in out if f[0] not in drop]
     return out + extra, length, chunked
 
 
 _SPECIAL = HOP_BY_HOP | {b"content-length"}
+_NOT_LISTED = HOP_BY_HOP | {b":status", b"close"}
 
 
 def interim_headers(status: int, raw: bytes) -> list[tuple[bytes, bytes]]:

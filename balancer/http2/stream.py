@@ -27,7 +27,12 @@ from balancer.http1.exchange import (
     count_failure,
 )
 from balancer.http1.head import Framing
-from balancer.http2.request import error_headers, interim_headers, response_headers
+from balancer.http2.request import (
+    NOT_RESPONSE_TRAILERS,
+    error_headers,
+    interim_headers,
+    response_headers,
+)
 
 if TYPE_CHECKING:
     from balancer.http1.exchange import ListenerContext
@@ -77,6 +82,8 @@ class Stream:
         "sid",
         "side",
         "tls",
+        "trailers",
+        "trailers_size",
         "withheld",
     )
 
@@ -98,6 +105,8 @@ class Stream:
         self.head: list[tuple[bytes, bytes]] | None = None  # response head not framed yet
         self.out: deque[bytes] = deque()  # response body waiting for the client's window
         self.out_size = 0
+        self.trailers: list[tuple[bytes, bytes]] = []  # the response's, sent after the body
+        self.trailers_size = 0
         self.done = False  # the response is complete on our side
         self.ended = False  # END_STREAM (or RST_STREAM) went out
         self.paused_backend = False
@@ -184,6 +193,20 @@ class Stream:
         self.head = head
         self.progress = self.ctx.now
         self.side.want(self)
+
+    def trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field of a chunked response (the backend's parser reports them)."""
+        name = name.lower()
+        if name in NOT_RESPONSE_TRAILERS:
+            return
+        size = self.trailers_size + len(name) + len(value) + 32  # as HPACK counts
+        if size > self.ctx.limits.max_header_bytes:
+            # the body is whole without them: drop them all rather than send a part
+            self.trailers_size = size
+            self.trailers.clear()
+            return
+        self.trailers_size = size
+        self.trailers.append((name, value.strip(b" \t")))
 
     def _send(self, data: bytes) -> None:
         if self.closed:

@@ -41,6 +41,8 @@ class Response:
     body: bytes = b""
     ended: bool = False
     reset: int | None = None
+    trailers: list[tuple[bytes, bytes]] | None = None  # a trailing HEADERS frame's fields
+    trailers_ended: bool = False  # that frame carried END_STREAM
 
 
 def base(path: bytes = b"/a", method: bytes = b"GET") -> list[tuple[bytes, bytes]]:
@@ -91,7 +93,8 @@ class Peer:
                 if self.auto_ack:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, TrailersReceived) and r is not None:
-                r.headers.update(dict(ev.headers))
+                r.trailers = list(ev.headers)
+                r.trailers_ended = ev.stream_ended is not None
             elif isinstance(ev, StreamEnded) and r is not None:
                 r.ended = True
             elif isinstance(ev, StreamReset) and r is not None:

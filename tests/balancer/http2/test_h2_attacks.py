@@ -30,7 +30,7 @@ from harness.h2 import H2Conn
 from harness.procs import proc_rss_kib
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-PROTOCOL_ERROR, CANCEL, ENHANCE_YOUR_CALM = 0x1, 0x8, 0xB
+PROTOCOL_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x1, 0x7, 0x8, 0xB
 RSS_GROWTH_KIB = 64 * 1024  # what one attack may leave behind in the balancer
 
 
@@ -77,8 +77,9 @@ class Attacker:
         f = HeadersFrame(sid, block, flags=["END_HEADERS", *kw.get("flags", ["END_STREAM"])])  # type: ignore[list-item]
         return f.serialize()
 
-    def goaway(self, timeout: float = 10.0) -> int | None:
-        """Read frames until a GOAWAY (its error code) or EOF/timeout (None)."""
+    def goaway(self, timeout: float = 10.0, resets: int | None = None) -> int | None:
+        """Read frames until a GOAWAY (its error code) or EOF/timeout (None); with
+        `resets`, also stop (None) once that many RST_STREAM frames have come."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             while len(self.buf) >= 9:
@@ -91,6 +92,8 @@ class Attacker:
                     return f.error_code
                 if isinstance(f, RstStreamFrame):
                     self.resets.append(f.error_code)
+            if resets is not None and len(self.resets) >= resets:
+                return None
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 data = self.sock.recv(65536)
@@ -245,9 +248,22 @@ def test_a_zero_window_stall_is_cancelled(stack: LocalStack) -> None:
 def test_too_many_concurrent_streams_are_refused(stack: LocalStack) -> None:
     def attack() -> None:
         a = Attacker(stack)
-        # 101 requests whose bodies never come: each stream stays open
+        # 101 requests whose bodies never come: each stream stays open; the 101st alone
+        # is refused (REFUSED_STREAM, safe to retry) and the connection carries on
         a.send(b"".join(a.head(s, "/upload", "POST", flags=[]) for s in range(1, 203, 2)))
-        assert a.goaway() == PROTOCOL_ERROR
+        assert a.goaway(resets=1) is None and a.resets == [REFUSED_STREAM]
+        # a client that keeps going past the limit: 100 more refusals, then GOAWAY
+        sid, code = 203, None
+        for _ in range(10):
+            a.send(
+                b"".join(a.head(s, "/upload", "POST", flags=[]) for s in range(sid, sid + 40, 2))
+            )
+            sid += 40
+            code = a.goaway(resets=len(a.resets) + 20)
+            if code is not None:
+                break
+        assert code == ENHANCE_YOUR_CALM and set(a.resets) == {REFUSED_STREAM}
+        assert len(a.resets) == 101  # the last refusal came with the GOAWAY
         a.close()
 
     under_attack(stack, attack)

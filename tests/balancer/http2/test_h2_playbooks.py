@@ -3,10 +3,14 @@ flow control both ways, failures that end one stream only, retries, deadlines, G
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from h2book import Peer, goaway_code, ok
 from playbook import Playbook, request_line
 
 from balancer.http1.client import rescue_in_flight
+
+REFUSED_STREAM, ENHANCE_YOUR_CALM = ErrorCodes.REFUSED_STREAM, ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_the_streams_of_one_connection_are_spread_over_the_backends() -> None:
@@ -301,3 +305,98 @@ def test_a_stream_h2_holds_closed_ends_alone_and_the_batch_still_flushes() -> No
     assert peer.responses[b].body == b"kept" and peer.responses[b].ended
     assert peer.responses[a].body == b"" and a not in peer.side.streams
     assert peer.goaway is None and peer.side.ended() is None
+
+
+CHUNKED_WITH_TRAILERS = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nX-Checksum: 42 \r\nServer-Timing: db;dur=5\r\n\r\n"
+)
+
+
+def test_a_chunked_response_s_trailers_end_the_stream_as_a_headers_frame() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb)
+    sid = peer.request()
+    conn = pb.connect()
+    # fields a trailer section must not carry on (RFC 9113 8.2.2, RFC 9110 6.5.1)
+    pb.feed(conn, CHUNKED_WITH_TRAILERS[:-2] + b"Keep-Alive: 5\r\nContent-Type: x/y\r\n\r\n")
+    peer.receive()
+    r = peer.responses[sid]
+    assert (r.status, r.body, r.ended) == (200, b"abc", True)
+    # lowercase, trimmed, and without connection-specific or framing fields
+    assert r.trailers == [(b"x-checksum", b"42"), (b"server-timing", b"db;dur=5")]
+    assert r.trailers_ended  # END_STREAM rode on the trailers, not on the last DATA
+    assert b"x-checksum" not in r.headers
+
+
+def test_trailers_after_an_empty_body_and_without_any() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb)
+    first = peer.request()
+    up = pb.connect()
+    pb.feed(up, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Empty: 1\r\n\r\n")
+    second = peer.request()
+    pb.feed(up, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    peer.receive()
+    r1, r2 = peer.responses[first], peer.responses[second]
+    assert (r1.body, r1.trailers, r1.trailers_ended) == (b"", [(b"x-empty", b"1")], True)
+    assert (r2.body, r2.trailers, r2.ended) == (b"ok", None, True)
+
+
+def test_trailers_larger_than_the_header_limit_are_dropped_and_the_body_kept() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb)
+    sid = peer.request()
+    conn = pb.connect()
+    big = b"".join(b"X-T%d: %b\r\n" % (i, b"v" * 1000) for i in range(64))  # 64 KB > 32 KB
+    pb.feed(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+    pb.feed(conn, big + b"\r\n")
+    peer.receive()
+    r = peer.responses[sid]
+    assert (r.body, r.ended, r.trailers) == (b"ok", True, None)
+
+
+def test_one_backend_connection_serves_http1_and_http2_each_with_its_trailer_rule() -> None:
+    pb = Playbook(backends=1)
+    h1 = pb.client()
+    pb.feed(h1, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    up = pb.connect()
+    pb.feed(up, CHUNKED_WITH_TRAILERS)
+    # HTTP/1.1 as before: the trailers are dropped, the chunked body ends plainly
+    assert h1.written().endswith(b"\r\n3\r\nabc\r\n0\r\n\r\n")
+    peer = Peer(pb)
+    sid = peer.request()
+    assert not pb.opens  # the same pooled connection
+    pb.feed(up, CHUNKED_WITH_TRAILERS)
+    peer.receive()
+    assert peer.responses[sid].trailers == [
+        (b"x-checksum", b"42"),
+        (b"server-timing", b"db;dur=5"),
+    ]
+    pb.feed(h1, b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    pb.feed(up, CHUNKED_WITH_TRAILERS)
+    assert h1.written().count(b"\r\n0\r\n\r\n") == 2 and b"X-Checksum" not in h1.written()
+
+
+def test_a_stream_past_the_limit_is_refused_alone_and_one_who_insists_is_cut_off() -> None:
+    pb = Playbook(backends=1)
+    peer = Peer(pb)
+    # the peer ignores our SETTINGS_MAX_CONCURRENT_STREAMS (100), as a racing client would
+    peer.h2.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 1000
+    peer.h2.remote_settings.acknowledge()
+    held = [peer.request(b"/%d" % i) for i in range(100)]  # no answers yet: all stay open
+    extra = peer.request(b"/101")
+    assert peer.responses[extra].reset == REFUSED_STREAM  # safe for the client to retry
+    assert peer.goaway is None and pb.ctx.stats.h2_streams_open == 100
+    conn = pb.connect()  # one answered: room for one more
+    pb.feed(conn, ok())
+    peer.receive()
+    assert peer.responses[held[0]].ended
+    again = peer.request(b"/again")
+    assert peer.responses[again].reset is None and peer.goaway is None
+    for i in range(100):  # 1 refused so far; the 101st refusal is one too many
+        peer.request(b"/more%d" % i)
+        if peer.goaway is not None:
+            break
+    assert goaway_code(peer) == ENHANCE_YOUR_CALM and i == 99
+    assert all(peer.responses[s].reset == REFUSED_STREAM for s in peer.responses if s > again)

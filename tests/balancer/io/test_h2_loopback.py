@@ -4,6 +4,7 @@ bigger than any buffer, the access log's protocol, the preface with HTTP/2 off."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import Harness, LocalStack, wait_until
-from harness.h2 import H2Conn
+from harness.h2 import H2Conn, Reply
 
 CURL = shutil.which("curl")
 NGHTTP = shutil.which("nghttp")
@@ -282,3 +283,27 @@ def test_http2_is_chosen_per_listener(harness: Harness) -> None:
     _, first_version = curl("--http2", "--cacert", stack.ca_file, stack.service_url + "/")
     _, second_version = curl("--http2", "--cacert", stack.ca_file, second)
     assert first_version == "2 200" and second_version == "1.1 200"
+
+
+async def test_a_backend_s_response_trailers_reach_the_http2_client(  # type: ignore[no-untyped-def]
+    start_balancer, raw_backend
+) -> None:
+    """A real backend (raw asyncio, chunked with trailers), the in-process balancer (h2c),
+    and an h2 client: the trailers arrive as a trailing HEADERS frame with END_STREAM."""
+    reply = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\nGrpc-Message: fine\r\n\r\n"
+    )
+    backend = await raw_backend(lambda req, conn: reply)
+    balancer = await start_balancer([backend])
+    host, port = balancer.address
+
+    def fetch() -> list[Reply]:
+        with H2Conn(host, port) as c:  # h2c, prior knowledge
+            return c.get(["/a", "/b"])
+
+    replies = await asyncio.to_thread(fetch)  # the client blocks: the balancer's loop runs
+    for r in replies:
+        assert (r.status, r.body, r.ended, r.reset) == (200, b"hello", True, None)
+        assert r.trailers == {"grpc-status": "0", "grpc-message": "fine"}
+        assert "grpc-status" not in r.headers
