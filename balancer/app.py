@@ -533,6 +533,11 @@ class Balancer:
             "uptime_s": round(time.time() - self.started_at, 3),
             "now": time.time(),
             "stats": {name: getattr(stats, name) for name in type(stats).__slots__},
+            # with --workers: the sums over every worker (each spends from one shared budget)
+            "retry_budget": {
+                "allowed": cluster.budget.retries_allowed,
+                "refused": cluster.budget.retries_denied,
+            },
             "backends": self.backend_view(),
             "latency_bounds": list(LATENCY_BUCKETS),
             "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],

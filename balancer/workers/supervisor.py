@@ -27,7 +27,7 @@ from balancer.lab.merge import add_aggregates, owner, write_aggregates
 from balancer.lb.cluster import Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import MAX_SLOTS, InFlightTable
-from balancer.workers.view import add_into, snapshot, write_totals
+from balancer.workers.view import FORWARDED, add_into, snapshot, write_totals
 
 log = logging.getLogger("balancer.workers")
 
@@ -373,6 +373,9 @@ class WorkerPool:
             bid = str(msg.get("id"))
             if bid in cluster.backends:
                 cluster.outlier.on_success(bid)
+        elif kind == "event" and msg.get("kind") in FORWARDED:
+            detail = f"worker {w.index}: {msg.get('detail', '')}"
+            self.host.emit(EventKind(str(msg["kind"])), str(msg.get("backend", "")), detail)
 
     def _write_totals(self) -> None:
         total: dict[str, Any] = {}
@@ -380,7 +383,8 @@ class WorkerPool:
         for w in self.workers:
             if w.last:
                 add_into(total, w.last)
-        write_totals(total, self.host.stats, self.host.cluster.backends)
+        cluster = self.host.cluster
+        write_totals(total, self.host.stats, cluster.backends, cluster.budget)
         if self._lab_dirty:
             self._write_lab()
         for bid, backend in self.host.cluster.backends.items():

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from balancer.config import Config
+from balancer.events import Event
 from balancer.http1.exchange import ListenerStats
 from balancer.io.lab import Lab
 from balancer.lab.merge import aggregates, id_scheme
@@ -32,7 +33,7 @@ from balancer.workers.shared import (
     SharedRetryBudget,
     worker_algorithm,
 )
-from balancer.workers.view import apply_snapshot, report
+from balancer.workers.view import FORWARDED, apply_snapshot, report
 
 log = logging.getLogger("balancer.worker")
 
@@ -76,6 +77,8 @@ class Follower(Protocol):
     def stats(self) -> ListenerStats: ...
 
     def _rescue(self, backend: Backend) -> None: ...
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None: ...
 
     def reload(self) -> Any: ...
 
@@ -171,6 +174,14 @@ async def serve_worker(
     remote = _Remote(send)
     cluster.remote = remote
 
+    def forward(event: Event) -> None:
+        """What only this worker saw (e.g. requests rescued here) goes on the timeline."""
+        if event.kind in FORWARDED:
+            send({"type": "event", "kind": str(event.kind), "backend": event.backend,
+                  "detail": event.detail})  # fmt: skip
+
+    balancer.subscribe(forward)
+
     def placed(backend: Any, slot: int) -> None:
         if isinstance(backend, SharedBackend) and backend.slot != slot:
             backend.place(slot)
@@ -259,14 +270,14 @@ async def serve_worker(
         if conns.changes != lab_sent:  # the lab's aggregates, only when they changed
             lab_sent = conns.changes
             extra["lab"] = aggregates(conns)
-        send(report(pid, balancer.stats, cluster.backends.values(), extra))
+        send(report(pid, balancer.stats, cluster.backends.values(), extra, cluster.budget))
         try:
             await asyncio.wait_for(done.wait(), REPORT_PERIOD)
         except TimeoutError:
             pass
     await balancer.stop()
     final = {**state, "final": True, "lab": aggregates(conns)}
-    send(report(pid, balancer.stats, cluster.backends.values(), final))
+    send(report(pid, balancer.stats, cluster.backends.values(), final, cluster.budget))
     if transport is not None:
         transport.close()
     table.close()
