@@ -12,6 +12,8 @@ from typing import Any
 from balancer.config import BackendSpec, Config, OutlierSettings, RetrySettings, from_args
 from balancer.events import Event, EventKind
 from balancer.http1.exchange import ListenerStats
+from balancer.io.lab import Lab
+from balancer.lab.table import ConnTable
 from balancer.lb.cluster import Cluster
 from balancer.workers.supervisor import WorkerPool
 
@@ -26,6 +28,7 @@ class Host:
         self.cluster = cluster
         self.tls_stores: dict[bool, Any] = {}
         self._stats = ListenerStats()
+        self.lab = Lab(ConnTable(lambda: 0.0), set, set)
 
     @property
     def stats(self) -> ListenerStats:
