@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from balancer.admin.views import backend_rows, listener_rows
+from balancer.admin.views import backend_rows, budget_row, listener_rows
 from balancer.config import (
     ALGORITHMS,
     Config,
@@ -533,6 +533,7 @@ class Balancer:
             "uptime_s": round(time.time() - self.started_at, 3),
             "now": time.time(),
             "stats": {name: getattr(stats, name) for name in type(stats).__slots__},
+            "retry_budget": budget_row(cluster.budget),
             "backends": self.backend_view(),
             "latency_bounds": list(LATENCY_BUCKETS),
             "certificates": self.tls_store.cert_info() if self.tls_store is not None else [],

@@ -27,9 +27,17 @@ ROLES = ("standalone", "active", "passive")
 MODES = ("normal", "backup", "panic", "none")
 
 
+class _Budget(Protocol):
+    retries_allowed: int
+    retries_denied: int
+
+
 class _ClusterView(Protocol):
     backends: dict[str, Backend]
     mode: str
+
+    @property
+    def budget(self) -> _Budget: ...
 
     def state_of(self, backend: Backend) -> str: ...
 
@@ -219,6 +227,14 @@ class BalancerCollector(Collector):
         yield GaugeMetricFamily(
             "lb_connections_open", "Client connections open now", value=stats.connections_open
         )
+        budget = bal.cluster.budget
+        retries = CounterMetricFamily(
+            "lb_retry_budget_retries", "Retries the retry budget allowed or refused",
+            labels=["outcome"],
+        )  # fmt: skip
+        retries.add_metric(["allowed"], budget.retries_allowed)
+        retries.add_metric(["refused"], budget.retries_denied)
+        yield retries
         # the protocol mix of the public listener: HTTP/1.1 is what is not HTTP/2
         h2_requests = stats.h2_streams_total
         for name, doc, h2, total, kind in (

@@ -7,6 +7,7 @@ from typing import Any
 
 from balancer.config import ListenerSettings
 from balancer.lb.cluster import Cluster
+from balancer.lb.health import RetryBudget
 from balancer.tcp.relay import TcpContext
 
 
@@ -38,6 +39,11 @@ def listener_rows(
             }
         rows.append(row)
     return rows
+
+
+def budget_row(budget: RetryBudget) -> dict[str, int]:
+    """The retry budget's outcomes; with --workers, the sums over every worker."""
+    return {"allowed": budget.retries_allowed, "refused": budget.retries_denied}
 
 
 def backend_rows(

@@ -27,11 +27,14 @@ from balancer.lab.merge import add_aggregates, owner, write_aggregates
 from balancer.lb.cluster import Cluster
 from balancer.workers.codec import Decoder, Message, encode
 from balancer.workers.shared import MAX_SLOTS, InFlightTable
-from balancer.workers.view import add_into, snapshot, write_totals
+from balancer.workers.view import FORWARDED, add_into, snapshot, write_totals
 
 log = logging.getLogger("balancer.workers")
 
-PUSH_PERIOD = 0.05  # s: a decision reaches every worker within this (plus a loop turn)
+# s: a safety net. A decision reaches every worker in one loop turn: each raises an event,
+# which schedules a push, and the one change that raises none, an ejection expiring, has
+# a timer of its own (an idle supervisor used to wake 20 times a second to compare)
+PUSH_PERIOD = 1.0
 RESTART_BACKOFF_MAX = 5.0  # s: between restarts of a worker that keeps dying at start
 LAB_TIMEOUT = 2.0  # s: a worker that has not sent its connections by then is left out
 WORKER_ENV = "LB_WORKER"  # index,ctl fd,fd-channel fd,table fd,workers,supervisor pid
@@ -118,6 +121,7 @@ class WorkerPool:
         self.cert_reloads = 0
         self._pushed = b""
         self._push_soon = False
+        self._expiry: asyncio.TimerHandle | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     # life cycle ---------------------------------------------------------------------
@@ -239,6 +243,8 @@ class WorkerPool:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.unlisten()
         self.table.close()
 
@@ -312,7 +318,8 @@ class WorkerPool:
     def push(self) -> None:
         """Send the cluster decisions to every worker if they changed."""
         self._push_soon = False
-        msg = encode(self._snapshot())
+        msg = encode(self._snapshot())  # expired ejections are forgotten here
+        self._time_expiry()
         if msg == self._pushed:
             return
         self._pushed = msg
@@ -320,9 +327,21 @@ class WorkerPool:
             if w.transport is not None and not w.transport.is_closing():
                 w.transport.write(msg)
 
+    def _time_expiry(self) -> None:
+        """One push when the next ejection ends (slow start needs none: the workers ramp
+        the weight up themselves from `up_since`)."""
+        cluster = self.host.cluster
+        ends = [cluster.outlier.ejected_until(bid) for bid in cluster.backends]
+        end = min((e for e in ends if e is not None), default=None)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if end is not None:
+            delay = max(0.0, end - cluster.clock()) + 0.001  # a timer may fire early
+            self._expiry = self.loop.call_later(delay, self.push)
+
     async def _push_loop(self) -> None:
-        # catches what changes without an event (an ejection expiring, slow start) and
-        # sums the workers' counters for the views
+        # a safety net for the pushes, and the counters of a worker that exited
         while True:
             await asyncio.sleep(PUSH_PERIOD)
             try:
@@ -359,6 +378,7 @@ class WorkerPool:
             if "lab" in msg:  # sent when it changed
                 w.lab = msg["lab"]
                 self._lab_dirty = True
+            self._write_totals()  # the views read them, so they are as fresh as the reports
         elif kind == "lab":
             w.lab = msg.get("lab", w.lab)
             self._lab_dirty = True
@@ -373,6 +393,9 @@ class WorkerPool:
             bid = str(msg.get("id"))
             if bid in cluster.backends:
                 cluster.outlier.on_success(bid)
+        elif kind == "event" and msg.get("kind") in FORWARDED:
+            detail = f"worker {w.index}: {msg.get('detail', '')}"
+            self.host.emit(EventKind(str(msg["kind"])), str(msg.get("backend", "")), detail)
 
     def _write_totals(self) -> None:
         total: dict[str, Any] = {}
@@ -380,7 +403,8 @@ class WorkerPool:
         for w in self.workers:
             if w.last:
                 add_into(total, w.last)
-        write_totals(total, self.host.stats, self.host.cluster.backends)
+        cluster = self.host.cluster
+        write_totals(total, self.host.stats, cluster.backends, cluster.budget)
         if self._lab_dirty:
             self._write_lab()
         for bid, backend in self.host.cluster.backends.items():

@@ -23,6 +23,10 @@ COUNTERS = (
     "tcp_seconds",
 )
 LISTS = ("responses", "latency")
+# the retry budget's counters (cluster.budget), summed the same way
+BUDGET = ("retries_allowed", "retries_denied")
+# events a worker raises that the supervisor cannot see itself: it emits them again
+FORWARDED = frozenset({"rescued"})
 
 
 def snapshot(cluster: Cluster, now: float, slots: dict[str, int]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def apply_snapshot(
 
 
 def report(
-    pid: int, stats: Any, backends: Iterable[Backend], extra: dict[str, Any]
+    pid: int, stats: Any, backends: Iterable[Backend], extra: dict[str, Any], budget: Any = None
 ) -> dict[str, Any]:
     """A worker's counters as of now (totals since it started)."""
     return {
@@ -95,15 +99,17 @@ def report(
             b.id: {c: getattr(b, c) for c in COUNTERS} | {c: list(getattr(b, c)) for c in LISTS}
             for b in backends
         },
+        "budget": {c: getattr(budget, c) for c in BUDGET} if budget is not None else {},
         **extra,
     }
 
 
 def add_into(total: dict[str, Any], rep: dict[str, Any]) -> None:
     """Add one report's listener stats and backend counters into `total` (same shape)."""
-    tstats = total.setdefault("stats", {})
-    for name, value in rep.get("stats", {}).items():
-        tstats[name] = tstats.get(name, 0) + value
+    for section in ("stats", "budget"):
+        tsum = total.setdefault(section, {})
+        for name, value in rep.get(section, {}).items():
+            tsum[name] = tsum.get(name, 0) + value
     tback = total.setdefault("backends", {})
     for bid, counters in rep.get("backends", {}).items():
         row = tback.setdefault(bid, {})
@@ -116,11 +122,16 @@ def add_into(total: dict[str, Any], rep: dict[str, Any]) -> None:
                 have[i] += v
 
 
-def write_totals(total: dict[str, Any], stats: Any, backends: dict[str, Backend]) -> None:
+def write_totals(
+    total: dict[str, Any], stats: Any, backends: dict[str, Backend], budget: Any = None
+) -> None:
     """Overwrite the supervisor's (otherwise idle) counters with the workers' totals, so
     every existing view (/api/state, /metrics, the dashboard) shows them unchanged."""
     for name in type(stats).__slots__:
         setattr(stats, name, total.get("stats", {}).get(name, 0))
+    if budget is not None:
+        for name in BUDGET:
+            setattr(budget, name, total.get("budget", {}).get(name, 0))
     for bid, counters in total.get("backends", {}).items():
         backend = backends.get(bid)
         if backend is None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from balancer.config import Config
+from balancer.events import Event
 from balancer.http1.exchange import ListenerStats
 from balancer.io.lab import Lab
 from balancer.lab.merge import aggregates, id_scheme
@@ -32,11 +33,12 @@ from balancer.workers.shared import (
     SharedRetryBudget,
     worker_algorithm,
 )
-from balancer.workers.view import apply_snapshot, report
+from balancer.workers.view import FORWARDED, apply_snapshot, report
 
 log = logging.getLogger("balancer.worker")
 
-REPORT_PERIOD = 0.1  # s between stats reports to the supervisor
+REPORT_PERIOD = 0.1  # s between stats reports to the supervisor (when they changed)
+HEARTBEAT = 10  # reports: an unchanged one is sent once in this many periods
 # records one lab answer carries at most: ~1 KB each keeps the frame well under the
 # codec's 4 MiB (a frame over it would be a protocol error, and the worker would exit)
 LAB_MAX_ROWS = 2000
@@ -76,6 +78,8 @@ class Follower(Protocol):
     def stats(self) -> ListenerStats: ...
 
     def _rescue(self, backend: Backend) -> None: ...
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None: ...
 
     def reload(self) -> Any: ...
 
@@ -171,6 +175,14 @@ async def serve_worker(
     remote = _Remote(send)
     cluster.remote = remote
 
+    def forward(event: Event) -> None:
+        """What only this worker saw (e.g. requests rescued here) goes on the timeline."""
+        if event.kind in FORWARDED:
+            send({"type": "event", "kind": str(event.kind), "backend": event.backend,
+                  "detail": event.detail})  # fmt: skip
+
+    balancer.subscribe(forward)
+
     def placed(backend: Any, slot: int) -> None:
         if isinstance(backend, SharedBackend) and backend.slot != slot:
             backend.place(slot)
@@ -248,25 +260,37 @@ async def serve_worker(
     balancer.sweeper.start()
     on_ready()
     pid = os.getpid()
+    last: dict[str, Any] = {}
+    quiet = 0
     lab_sent = -1
-    while not done.is_set():
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        extra = {
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
-            "rss_bytes": _rss_bytes(),
-            **state,
-        }
-        if conns.changes != lab_sent:  # the lab's aggregates, only when they changed
-            lab_sent = conns.changes
-            extra["lab"] = aggregates(conns)
-        send(report(pid, balancer.stats, cluster.backends.values(), extra))
-        try:
-            await asyncio.wait_for(done.wait(), REPORT_PERIOD)
-        except TimeoutError:
-            pass
+
+    def tick() -> None:
+        """Report the counters; a plain timer, not a task woken and cancelled each time."""
+        nonlocal last, quiet, lab_sent
+        if done.is_set():
+            return
+        timer[0] = loop.call_later(REPORT_PERIOD, tick)  # first: an error here stops nothing
+        counters = report(pid, balancer.stats, cluster.backends.values(), state, cluster.budget)
+        # unchanged counters are not sent again (an idle worker wakes its supervisor once a
+        # second, for its CPU time and memory, not ten times)
+        same = counters == last and conns.changes == lab_sent
+        quiet = quiet + 1 if same else 0
+        if quiet % HEARTBEAT == 0:
+            last = dict(counters)
+            if conns.changes != lab_sent:  # the lab's aggregates, only when they changed
+                lab_sent = conns.changes
+                counters["lab"] = aggregates(conns)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            counters["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
+            counters["rss_bytes"] = _rss_bytes()
+            send(counters)
+
+    timer = [loop.call_later(0, tick)]
+    await done.wait()
+    timer[0].cancel()
     await balancer.stop()
     final = {**state, "final": True, "lab": aggregates(conns)}
-    send(report(pid, balancer.stats, cluster.backends.values(), final))
+    send(report(pid, balancer.stats, cluster.backends.values(), final, cluster.budget))
     if transport is not None:
         transport.close()
     table.close()

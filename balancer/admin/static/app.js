@@ -177,6 +177,9 @@ function renderCards(s) {
     ["bad requests", fmt(st.bad_requests), st.bad_requests > 0],
     ["overload / timeouts", `${fmt(st.overload_rejections)} / ${fmt(st.timeouts)}`],
   ];
+  const rb = s.retry_budget;  // absent from an older balancer's state
+  if (rb) cards.push(["retries allowed / refused", `${fmt(rb.allowed)} / ${fmt(rb.refused)}`,
+    rb.refused > 0]);
   $("cards").replaceChildren(...cards.map(([k, v, warn]) =>
     el("div", { class: "card" + (warn ? " warn" : ""), "data-testid": "card-" + k },
       el("div", { class: "k", text: k }), el("div", { class: "v", text: v }))));

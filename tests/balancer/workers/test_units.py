@@ -148,6 +148,18 @@ def test_counters_sum_over_workers_into_the_supervisor_views() -> None:
     assert sum(sup.backends["b1"].latency) == 2
 
 
+def test_retry_budget_outcomes_sum_over_workers() -> None:
+    total: dict[str, object] = {}
+    for allowed, denied in ((2, 0), (3, 5)):
+        w = cluster(SPECS[:1])
+        w.budget.retries_allowed, w.budget.retries_denied = allowed, denied
+        add_into(total, report(1, ListenerStats(), w.backends.values(), {}, w.budget))
+    add_into(total, report(1, ListenerStats(), [], {}))  # a report without them adds none
+    sup = cluster(SPECS[:1])
+    write_totals(total, ListenerStats(), sup.backends, sup.budget)
+    assert (sup.budget.retries_allowed, sup.budget.retries_denied) == (5, 5)
+
+
 # shared in-flight table ------------------------------------------------------------------
 def test_least_connections_counts_every_workers_in_flight_requests() -> None:
     table = InFlightTable(2)
