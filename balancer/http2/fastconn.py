@@ -58,6 +58,20 @@ _IDLE = StreamState.IDLE
 _SERVER_OPEN = ConnectionState.SERVER_OPEN
 
 
+# fields are validated by `request_head` (a malformed one is a stream error, not the end of
+# the connection) and response heads are built lowercase without connection-specific fields
+# (`response_headers`); h2 still checks framing, states, flow control and content-length.
+# The fast paths need exactly this: no header validation or normalisation either way.
+SERVER_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+
+
 def _frame_header(length: int, kind: int, flags: int, sid: int) -> bytes:
     return _HEADER.pack((length >> 8) & 0xFFFF, length & 0xFF, kind, flags, sid & 0x7FFFFFFF)
 

@@ -37,8 +37,8 @@ from hyperframe.frame import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.http2.client import _CONFIG, CONNECTION_WINDOW, H2_STREAMS, STREAM_WINDOW
-from balancer.http2.fastconn import FastH2Connection
+from balancer.http2.client import CONNECTION_WINDOW, H2_STREAMS, STREAM_WINDOW
+from balancer.http2.fastconn import SERVER_CONFIG, FastH2Connection
 from balancer.http2.hpack import FastDecoder, StatelessEncoder
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -62,7 +62,7 @@ def test_installed_h2_is_the_pinned_one() -> None:
 # the twin ---------------------------------------------------------------------------------
 def server(cls: type[H2Connection], hpack: str = "ours") -> H2Connection:
     """A server connection set up as `H2ClientSide.opened` sets one up."""
-    conn = cls(config=_CONFIG)
+    conn = cls(config=SERVER_CONFIG)
     if hpack == "ours":
         conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         conn.decoder = FastDecoder()
