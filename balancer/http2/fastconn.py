@@ -21,7 +21,7 @@ h2's side by side and compares them.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from h2.config import DummyLogger, H2Configuration
@@ -44,6 +44,7 @@ from h2.exceptions import (
 )
 from h2.stream import STREAM_OPEN, H2Stream, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import is_informational_response
+from hyperframe.exceptions import InvalidPaddingError
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 _HEADER = struct.Struct(">HBBBL")  # hyperframe's frame header: 24-bit length, type, flags, id
@@ -284,14 +285,55 @@ class FastH2Connection(H2Connection):
         self.outbound_flow_control_window -= frame_size
 
     # receiving ----------------------------------------------------------------------------
+    def receive_data(self, data: Any) -> list[Event]:
+        if not self._fast_in:
+            return super().receive_data(data)
+        # h2's loop over its frame buffer, with one shortcut: a whole HEADERS frame that
+        # needs nothing of hyperframe (END_HEADERS, no padding, no priority, not inside a
+        # header block, within the frame size) goes to `_headers` as its block of bytes
+        events: list[Event] = []
+        buf = self.incoming_buffer
+        buf.add_data(data)
+        buf.max_frame_size = self.max_inbound_frame_size
+        try:
+            while True:
+                raw = buf._data
+                if len(raw) >= 9 and raw[3] == _HEADERS and not buf._headers_buffer:
+                    length = (raw[0] << 16) | (raw[1] << 8) | raw[2]
+                    sid = ((raw[5] << 24) | (raw[6] << 16) | (raw[7] << 8) | raw[8]) & 0x7FFFFFFF
+                    if raw[4] & 0x2C == _END_HEADERS and sid and length <= buf.max_frame_size:
+                        if len(raw) < length + 9:
+                            break
+                        end_stream = bool(raw[4] & _END_STREAM)
+                        block = bytes(raw[9 : 9 + length])
+                        del raw[: 9 + length]
+                        events.extend(self._handled(self._headers, sid, block, end_stream))
+                        continue
+                frame = next(buf, None)
+                if frame is None:
+                    break
+                events.extend(self._handled(self._frame_dispatch_table[frame.__class__], frame))
+        except InvalidPaddingError as e:
+            self._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
+            msg = "Received frame with invalid padding."
+            raise ProtocolError(msg) from e
+        except ProtocolError as e:
+            self._terminate_connection(e.error_code)
+            raise
+        return events
+
     def _receive_frame(self, frame: Frame) -> list[Event]:
         if not self._quiet:
             return super()._receive_frame(frame)
-        # h2's, less `logger.trace("Received frame: %s", repr(frame))`: the repr was built
-        # for every frame, and the default logger drops it
+        return self._handled(self._frame_dispatch_table[frame.__class__], frame)
+
+    def _handled(self, handler: Callable[..., Any], *args: Any) -> list[Event]:
+        # h2's `_receive_frame` around a frame's handler, less its
+        # `logger.trace("Received frame: %s", repr(frame))`: the repr was built for every
+        # frame, and the default logger drops it
         events: list[Event]
         try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+            frames, events = handler(*args)
         except StreamClosedError as e:
             if self._stream_is_closed_by_reset(e.stream_id):
                 f = RstStreamFrame(e.stream_id)
@@ -317,7 +359,10 @@ class FastH2Connection(H2Connection):
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
         if not self._fast_in or "PRIORITY" in frame.flags:
             return super()._receive_headers_frame(frame)
-        sid = frame.stream_id
+        return self._headers(frame.stream_id, frame.data, "END_STREAM" in frame.flags)
+
+    def _headers(self, sid: int, block: bytes, end_stream: bool) -> tuple[list[Frame], list[Event]]:
+        """h2's `_receive_headers_frame` for a frame without priority information."""
         stream = self.streams.get(sid)
         if stream is None:
             max_open_streams = self.local_settings.max_concurrent_streams
@@ -325,12 +370,11 @@ class FastH2Connection(H2Connection):
             if (value + 1) > max_open_streams:
                 msg = f"Max inbound streams is {max_open_streams}, {value} open"
                 raise TooManyStreamsError(msg)
-        headers = _decode_headers(self.decoder, frame.data)
+        headers = _decode_headers(self.decoder, block)
         if self.state_machine.state is not _SERVER_OPEN:
             self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         if stream is None:
             stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
-        end_stream = "END_STREAM" in frame.flags
         sm = stream.state_machine
         if (
             sm.state is not _IDLE

@@ -342,6 +342,40 @@ def test_headers_oddities() -> None:
     t.call("send_headers", 1, [(":status", "200")])  # str fields: h2's path
 
 
+def test_headers_frames_read_as_bytes() -> None:
+    """The HEADERS frames `receive_data` reads without hyperframe, and their neighbours."""
+    get = b"\x82\x87\x84"
+    t = Twin()
+    t.send()
+    whole = raw(HeadersFrame(1, data=get, flags=["END_HEADERS", "END_STREAM"]))
+    t.feed(whole[:5])  # a frame header cut short
+    t.feed(whole[5:11])  # a body cut short
+    t.feed(whole[11:] + raw(HeadersFrame(3, data=get, flags=["END_HEADERS"])))
+    odd = bytearray(raw(HeadersFrame(5, data=get, flags=["END_HEADERS"])))
+    odd[4] |= 0xD2  # flag bits HEADERS does not define: ignored
+    t.feed(bytes(odd))
+    padded = HeadersFrame(7, data=get, flags=["END_HEADERS", "PADDED"])
+    padded.pad_length = 4
+    t.feed(raw(padded, DataFrame(3, data=b"body", flags=["END_STREAM"])))
+    t.feed(raw(HeadersFrame(9, data=get, flags=[])))  # a header block opens ...
+    t.feed(raw(HeadersFrame(11, data=get, flags=["END_HEADERS"])))  # ... and is broken
+    t = Twin()
+    t.send()
+    big = HeadersFrame(1, data=b"\x82" * 20000, flags=["END_HEADERS"])
+    t.feed(raw(big))  # past our SETTINGS_MAX_FRAME_SIZE (16384): the connection ends
+    t = Twin()
+    t.send()
+    zero = bytearray(raw(HeadersFrame(1, data=get, flags=["END_HEADERS"])))
+    zero[5:9] = b"\x80\x00\x00\x00"  # stream 0, reserved bit set
+    t.feed(bytes(zero))
+    t = Twin()
+    t.send()
+    t.request(1)
+    t.call("send_headers", 1, head(), end_stream=True)
+    t.feed(raw(HeadersFrame(1, data=get, flags=["END_HEADERS", "END_STREAM"])))  # closed
+    t.feed(raw(HeadersFrame(3, data=get, flags=["END_HEADERS", "END_STREAM"])))
+
+
 # generated sequences -----------------------------------------------------------------------
 GET = st.tuples(st.just("get"), st.booleans())
 HEAD = st.tuples(st.just("head"), st.integers(0, 20), st.integers(0, 60), st.booleans())
