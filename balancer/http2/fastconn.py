@@ -7,15 +7,18 @@ overrides the methods that dominate a request's cost and leaves everything else 
   state machine and both flow-control windows move exactly as h2 moves them, and the
   HEADERS/CONTINUATION/DATA frames are written as bytes (a 9-byte frame header) instead of
   hyperframe objects serialised one by one;
-- `_receive_headers_frame` for a new request stream: h2's transitions done inline, without
-  building the validation flags h2 only uses when validation is on;
+- `receive_data`: h2's loop over its frame buffer, but a plain HEADERS frame (END_HEADERS,
+  no padding or priority, outside a header block) is taken as bytes, with no hyperframe
+  objects; its handler (`_headers`, also behind `_receive_headers_frame`) does h2's
+  transitions for a new request stream inline, without building the validation flags h2
+  only uses when validation is on;
 - `_open_streams` (h2 scans every stream to count the open ones each time a stream
   opens, and drops closed streams as it goes): the same scan and clean-up, inlined;
 - `_receive_frame`: without the eager `repr(frame)` for a trace log that is a no-op.
-Whatever the fast paths do not cover (padding, priority, a stream h2 has not seen, another
-state, a logger or header validation turned on) goes to h2's own method, so events, bytes
-out and exceptions stay h2's: `tests/balancer/http2/test_fastconn.py` drives this class and
-h2's side by side and compares them.
+Whatever the fast paths do not cover (padding, priority, CONTINUATION, a stream h2 has not
+seen, another state, a logger or header validation turned on) goes to h2's own code, so
+events, bytes out and exceptions stay h2's: `tests/balancer/http2/test_fastconn.py` drives
+this class and h2's side by side and compares them.
 """
 
 from __future__ import annotations
