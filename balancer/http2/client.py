@@ -1,9 +1,9 @@
 """The client side of HTTP/2: one accepted connection, many streams, each one exchange.
 
 Rules:
-- h2 (hyper-h2) does the framing, HPACK, stream states and flow-control accounting; this
-  class turns its events into streams (`balancer.http2.stream.Stream`), each scheduled by
-  the cluster on its own, so round robin spreads one connection's streams over the backends.
+- h2 (through `balancer.http2.fastconn`) does the framing, stream states and flow control;
+  this class turns its events into streams (`balancer.http2.stream.Stream`), each scheduled
+  by the cluster on its own, so round robin spreads one connection's streams over backends.
   Upstream stays HTTP/1.1 over the listener's `ConnectionPool`.
 - Output is batched like HTTP/1.1 (`Output`): streams queue, and once per loop turn `flush`
   frames what the client's windows allow and writes it in one piece. While the transport
@@ -28,8 +28,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -50,6 +49,7 @@ from hyperframe.frame import GoAwayFrame
 from balancer.http1.exchange import BackendPort, Exchange, ListenerContext
 from balancer.http1.head import BadRequest
 from balancer.http1.output import Output
+from balancer.http2.fastconn import SERVER_CONFIG, FastH2Connection
 from balancer.http2.hpack import FastDecoder, StatelessEncoder
 from balancer.http2.request import StreamError, placeholder, request_head, trailer_fields
 from balancer.http2.stream import Stream
@@ -63,18 +63,6 @@ RESET_FLOOR = 100  # client resets tolerated before the rapid-reset rule applies
 CONTROL_PER_SECOND = 1000  # SETTINGS + PING + PRIORITY + empty DATA frames
 MAX_UNSENT = 4 << 20  # bytes the client leaves unread before it is cut off
 
-# fields are validated by `request_head` (a malformed one is a stream error, not the end of
-# the connection) and response heads are built lowercase without connection-specific fields
-# (`response_headers`); h2 still checks framing, states, flow control and content-length
-_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-
 
 class H2ClientSide(Output):
     """A client's HTTP/2 connection (a `ClientPort` for the listener's set of clients)."""
@@ -86,7 +74,7 @@ class H2ClientSide(Output):
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.batch = ctx.batch
-        self.conn = H2Connection(config=_CONFIG)
+        self.conn = FastH2Connection(config=SERVER_CONFIG)
         self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.conn.decoder = FastDecoder()
         self.client_ip = b"unknown"
