@@ -87,6 +87,8 @@ class Follower(Protocol):
 
     async def stop_listening(self) -> None: ...
 
+    def quiesce(self) -> None: ...
+
     async def stop(self) -> None: ...
 
 
@@ -214,6 +216,8 @@ async def serve_worker(
             for store in balancer.tls_stores.values():
                 store.reload()
             state["cert_reloads"] = int(msg["generation"])
+        elif kind == "quiesce":
+            balancer.quiesce()
         elif kind == "stop":
             done.set()
         elif kind == "lab":
