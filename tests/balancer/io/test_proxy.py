@@ -69,24 +69,6 @@ async def test_keepalive_both_sides_reuses_one_backend_connection(
     assert bal.pool.counts(backend.spec.id) == (1, 1)
 
 
-async def test_quiesce_ends_keep_alive_while_the_listener_still_serves(
-    start_balancer, raw_backend, raw_client, read_helpers
-):  # type: ignore[no-untyped-def]
-    backend = await raw_backend()
-    bal = await start_balancer([backend])
-    client = raw_client(bal)
-    reader, writer = await client.open()
-    writer.write(GET)
-    _, resps = await read_helpers.responses(reader, 1)
-    assert resps[0].header(b"connection") is None  # kept alive, now idle
-    bal.quiesce()  # what a VIP holder does before it resigns
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by us, between requests
-    writer.close()
-    # still listening: a new connection is served once, then closed
-    _, resps = await client.request(GET)
-    assert resps[0].status == 200 and resps[0].header(b"connection") == b"close"
-
-
 async def test_http10_client(start_balancer, make_backend, raw_client, read_helpers, parse):  # type: ignore[no-untyped-def]
     a = await make_backend("a")
     bal = await start_balancer([a])
