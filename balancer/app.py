@@ -44,9 +44,6 @@ if TYPE_CHECKING:
     from balancer.workers.supervisor import WorkerPool
 
 log = logging.getLogger("balancer")
-# before resigning with a VIP: time for the FINs of closed keep-alive connections to leave
-# (and for the workers to act on the message) while this node still holds the address
-QUIESCE_S = 0.1
 
 
 # the event each admin state is announced with; a removal announces "draining" itself
@@ -300,16 +297,6 @@ class Balancer:
             out.append(("tcp" if lst.mode == "tcp" else http, name[0], name[1]))
         return out
 
-    def quiesce(self) -> None:
-        """End keep-alive while still serving: idle client connections close now (HTTP/2:
-        GOAWAY), the others after their response, and new ones after one request."""
-        ctx = self.ctx
-        ctx.keepalive = False
-        for conn in list(ctx.clients):
-            conn.quiesce()
-        if self.workers is not None:
-            self.workers.quiesce()
-
     async def stop(self) -> None:
         """SIGTERM: stop accepting, finish in-flight requests, resign, exit.
 
@@ -326,18 +313,12 @@ class Balancer:
         self.stopping = True
         self.emit(EventKind.SHUTDOWN, "", "stopping: draining in-flight requests")
         if self.pair is not None:
-            if self.pair.vip is not None and self.role == "active":
-                # the VIP's next holder would answer a kept-alive connection's next request
-                # with a RST: close them while this node still holds the VIP and listens
-                self.quiesce()
-                await asyncio.sleep(QUIESCE_S)
             await self.pair.stop()
         await self.stop_listening()
         if self.workers is not None:  # they drain as below, each in its own process
             await self.workers.stop(self.cfg.timeouts.shutdown_grace)
         ctx = self.ctx
         ctx.draining = True
-        ctx.keepalive = False
         for tctx in self.tcp:
             tctx.draining = True
         deadline = self.loop.time() + self.cfg.timeouts.shutdown_grace

@@ -193,7 +193,7 @@ class BackendSide(Output):
             status,
             ex.head_request,
             client_chunked_ok=ex.req.version != "1.0",
-            keep_alive=ex.keep_alive and ctx.keepalive,  # `_end` sends any error after
+            keep_alive=ex.keep_alive and not ctx.draining,  # `_end` sends any error after
             extra=ctx.resp_extra,
         )
         if framing is Framing.UNTIL_CLOSE and not chunked:

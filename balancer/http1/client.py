@@ -208,7 +208,7 @@ class ClientSide(Output):
         )
         if ctx.limits.max_request_body and req.content_length > ctx.limits.max_request_body:
             raise BadRequest(413, "request body too large")
-        ex = Exchange(self, req, parser.should_keep_alive() and ctx.keepalive)
+        ex = Exchange(self, req, parser.should_keep_alive() and not ctx.draining)
         self.queue.append(ex)
         self.reading = ex
         ctx.stats.requests_total += 1
@@ -344,7 +344,7 @@ class ClientSide(Output):
         if not ex.body_done:
             self._linger()  # the client may still be sending the body
             return
-        if not ex.keep_alive or not self.ctx.keepalive:
+        if not ex.keep_alive or self.ctx.draining:
             self._close()
             return
         if self.broken is not None and not self.queue:
@@ -429,13 +429,6 @@ class ClientSide(Output):
 
     def in_flight(self) -> list[Exchange]:
         return [self.current] if self.current is not None else []
-
-    def quiesce(self) -> None:
-        """Keep-alive is over (ctx.keepalive off): a connection between requests closes now,
-        one with a request in progress after its response (`_end`)."""
-        idle = self.dkind == D_IDLE and self.current is None and not self.queue
-        if idle and not self.in_head and self.tunnel is None and not self.closed:
-            self._close()
 
     def sweep(self, now: float) -> None:
         """Enforce this connection's deadlines and its exchange's response deadline."""

@@ -66,7 +66,6 @@ class ClientPort(Protocol):
     def start_tunnel(self, up: BackendPort, ex: Exchange) -> None: ...
     def in_flight(self) -> list[Exchange]: ...  # exchanges waiting on a backend
     def sweep(self, now: float) -> None: ...
-    def quiesce(self) -> None: ...  # keep-alive ends: close when idle (HTTP/2: GOAWAY)
 
 
 class StreamPort(ClientPort, Protocol):
@@ -157,9 +156,6 @@ class ListenerContext:
         self.conns = ConnTable(clock)  # the network lab's records, client and backend side
         self.stats = ListenerStats()
         self.draining = False
-        # off once the VIP is about to move or the drain began: each response closes its
-        # connection (`Balancer.quiesce`)
-        self.keepalive = True
         # a coarse clock, ticked by the sweeper: deadlines need no syscall per request
         self.now = clock()
         self.reconfigure(cfg)

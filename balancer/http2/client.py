@@ -492,10 +492,6 @@ class H2ClientSide(Output):
     def in_flight(self) -> list[Exchange]:
         return [s.current for s in self.streams.values() if s.current is not None]
 
-    def quiesce(self) -> None:
-        """Keep-alive is over: GOAWAY; the open streams finish, new ones go elsewhere."""
-        self.go_away()
-
     def sweep(self, now: float) -> None:
         if self.closed:
             return

@@ -306,9 +306,6 @@ class Stream:
     def in_flight(self) -> list[Exchange]:
         return [self.current] if self.current is not None else []
 
-    def quiesce(self) -> None:
-        """Nothing: the connection (`H2ClientSide`) sends the GOAWAY, not its streams."""
-
     def sweep(self, now: float) -> None:
         ex = self.ex
         if ex is None or self.closed:

@@ -287,11 +287,6 @@ class WorkerPool:
         socket.send_fds(w.fds, [b"L"], fds)
         w.send({"type": "listen", "count": len(fds)})
 
-    def quiesce(self) -> None:
-        """Keep-alive off in every worker (`Balancer.quiesce`)."""
-        for w in self.workers:
-            w.send({"type": "quiesce"})
-
     def unlisten(self) -> None:
         for w in self.workers:
             w.send({"type": "unlisten"})

@@ -87,8 +87,6 @@ class Follower(Protocol):
 
     async def stop_listening(self) -> None: ...
 
-    def quiesce(self) -> None: ...
-
     async def stop(self) -> None: ...
 
 
@@ -216,8 +214,6 @@ async def serve_worker(
             for store in balancer.tls_stores.values():
                 store.reload()
             state["cert_reloads"] = int(msg["generation"])
-        elif kind == "quiesce":
-            balancer.quiesce()
         elif kind == "stop":
             done.set()
         elif kind == "lab":

@@ -341,26 +341,3 @@ def test_writes_of_one_batch_leave_as_one_write() -> None:
     assert c.calls == []  # nothing leaves inside the batch
     pb.settle()
     assert c.calls == [("write", c.written())] and c.written().endswith(b"body")
-
-
-def test_quiesce_closes_an_idle_connection_and_ends_keep_alive_after_a_busy_ones_response() -> None:
-    pb = Playbook(backends=1)
-    idle, busy, partial = pb.client(), pb.client(), pb.client()
-    pb.feed(idle, GET)
-    up = pb.connect()
-    pb.feed(up, OK)  # answered, kept alive, now between requests
-    pb.feed(busy, GET)  # on the pooled backend connection, waiting for its answer
-    assert pb.opens == []
-    pb.feed(partial, GET[:10])  # a request head on its way
-    pb.ctx.keepalive = False  # Balancer.quiesce: keep-alive off, then every client told
-    for c in (idle, busy, partial):
-        c.quiesce()
-    assert idle.ended() == "close" and statuses(idle.written()) == [200]
-    assert busy.ended() is None and partial.ended() is None  # nothing cut off
-    pb.feed(up, OK)
-    assert statuses(busy.written()) == [200] and b"connection: close" in busy.written().lower()
-    assert busy.ended() == "close"
-    pb.feed(partial, GET[10:])
-    pb.feed(up, OK)
-    assert statuses(partial.written()) == [200]
-    assert b"connection: close" in partial.written().lower() and partial.ended() == "close"
